@@ -1,0 +1,197 @@
+"""What every backbone shares: input checks, per-level padding masks, and pretrained-weight loading.
+
+The detector only relies on the contract of :class:`BackboneBase`:
+``forward(images, pixel_mask) -> [(feature, mask), ...]`` for strides 8, 16, 32, plus the
+``num_channels`` and ``strides`` attributes and a ``body`` submodule holding the weights.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class BackboneBase(nn.Module, abc.ABC):
+    """Common wrapper: a feature extractor ``body`` plus the padding masks of its outputs.
+
+    Subclasses set ``self.body``, ``self.num_channels`` and ``self.strides`` and implement
+    :meth:`extract_features`.
+    """
+
+    num_channels: list[int]
+    strides: list[int]
+
+    @abc.abstractmethod
+    def extract_features(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) -> one feature map (B, C_i, h_i, w_i) per returned stride."""
+
+    def forward(self, images: Tensor, pixel_mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Run the backbone and resize the padding mask to every returned map.
+
+        Args:
+            images: float (B, 3, H, W), zero-padded bottom-right to the batch maximum.
+            pixel_mask: bool (B, H, W), True on padding.
+
+        Returns:
+            A list with one ``(feature (B, C_i, h_i, w_i), mask (B, h_i, w_i) bool)`` pair per
+            stride in ``self.strides`` (8, 16, 32). Masks are True on padding.
+        """
+        check_backbone_inputs(images, pixel_mask)
+        features = self.extract_features(images)
+        return [(feature, resize_padding_mask(pixel_mask, feature.shape[-2:])) for feature in features]
+
+
+def check_backbone_inputs(images: Tensor, pixel_mask: Tensor) -> None:
+    """Fail early with a readable message instead of a shape error deep inside a conv."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(
+            f"backbone expects images of shape (B, 3, H, W), got {shape}; "
+            "batch RGB images with dac_detr.data's collate function"
+        )
+    if not images.is_floating_point():
+        raise ValueError(
+            f"backbone expects float images (ImageNet-normalised), got dtype {images.dtype}; "
+            "convert and normalise them first"
+        )
+    if not isinstance(pixel_mask, Tensor) or pixel_mask.dim() != 3:
+        shape = tuple(pixel_mask.shape) if isinstance(pixel_mask, Tensor) else type(pixel_mask).__name__
+        raise ValueError(f"backbone expects pixel_mask of shape (B, H, W), got {shape}")
+    if pixel_mask.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(
+            f"pixel_mask shape {tuple(pixel_mask.shape)} does not match images "
+            f"{tuple(images.shape)}: it must be (B, H, W) of the padded batch"
+        )
+    if pixel_mask.dtype != torch.bool:
+        raise ValueError(
+            f"pixel_mask must be bool (True on padding), got dtype {pixel_mask.dtype}"
+        )
+
+
+def resize_padding_mask(pixel_mask: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """(B, H, W) bool -> (B, h, w) bool, nearest-neighbour resize as the official code does."""
+    resized = F.interpolate(pixel_mask[None].float(), size=tuple(size))
+    return resized.to(torch.bool)[0]
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be read or downloaded."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_matching_weights` did: keys loaded, missing, unexpected and ignored."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def read_checkpoint(path: str | os.PathLike, *, what: str, config_key: str) -> dict[str, Tensor]:
+    """Read a state dict from a local file (``torch.load(weights_only=True)``).
+
+    Accepts a plain state dict or a dict holding it under ``'model'`` or ``'state_dict'``.
+    ``what`` and ``config_key`` only make the error messages precise.
+    """
+    path = os.fspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise PretrainedWeightsUnavailable(
+            f"pretrained {what} weights: no file at '{path}'. Put the checkpoint there or set "
+            f"{config_key}=<path to the .pth file> (or {config_key}=null for random init)."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name and the fix
+        raise PretrainedWeightsUnavailable(
+            f"pretrained {what} weights: could not read '{path}' as a PyTorch checkpoint "
+            f"({type(error).__name__}: {error}). Supply a state-dict .pth file via {config_key}."
+        ) from error
+    return unwrap_state_dict(checkpoint, source=path)
+
+
+def unwrap_state_dict(checkpoint: object, *, source: str) -> dict[str, Tensor]:
+    """Return the tensor dict inside a checkpoint (plain, ``{'model': ...}`` or ``{'state_dict': ...}``)."""
+    if isinstance(checkpoint, Mapping):
+        for key in ("model", "state_dict"):
+            if key in checkpoint and isinstance(checkpoint[key], Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+        raise PretrainedWeightsUnavailable(
+            f"'{source}' is not a state dict (a mapping of names to tensors, possibly under a "
+            "'model' or 'state_dict' key)"
+        )
+    state_dict = dict(checkpoint)
+    # DDP checkpoints prefix every name with "module."
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_matching_weights(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str,
+    ignore: Callable[[str], bool] = lambda name: False,
+) -> LoadReport:
+    """Copy ``state_dict`` into ``module``, reporting every key that did not match.
+
+    Keys for which ``ignore(name)`` is true (e.g. a classifier head the backbone does not keep)
+    are dropped and logged at INFO; other missing or unexpected keys are logged as a WARNING
+    listing them. A shape mismatch is an error: it means the checkpoint is for another
+    architecture.
+    """
+    own = module.state_dict()
+    report = LoadReport()
+    to_load: dict[str, Tensor] = {}
+    mismatched: list[str] = []
+    for name, tensor in state_dict.items():
+        if ignore(name):
+            report.ignored.append(name)
+        elif name not in own:
+            report.unexpected.append(name)
+        elif tuple(own[name].shape) != tuple(tensor.shape):
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
+        else:
+            to_load[name] = tensor
+    if mismatched:
+        listing = "\n  ".join(mismatched)
+        raise ValueError(
+            f"pretrained weights from '{source}' do not fit this backbone ({len(mismatched)} shape "
+            f"mismatches):\n  {listing}\nCheck that the checkpoint is for the configured architecture."
+        )
+    report.missing = [name for name in own if name not in to_load]
+    report.loaded = list(to_load)
+    # strict=False only because `missing` is reported above; every loaded name exists and fits.
+    module.load_state_dict(to_load, strict=False)
+    if report.ignored:
+        log.info("pretrained weights from '%s': ignored %d keys not used by the backbone (%s)",
+                 source, len(report.ignored), _summarise(report.ignored))
+    if report.missing:
+        log.warning("pretrained weights from '%s': %d keys of the backbone are MISSING from the "
+                    "checkpoint and keep their initialisation: %s",
+                    source, len(report.missing), _summarise(report.missing))
+    if report.unexpected:
+        log.warning("pretrained weights from '%s': %d UNEXPECTED keys in the checkpoint were not "
+                    "loaded: %s", source, len(report.unexpected), _summarise(report.unexpected))
+    log.info("pretrained weights from '%s': loaded %d tensors", source, len(report.loaded))
+    return report
+
+
+def _summarise(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
