@@ -1,16 +1,26 @@
 """Multi-scale deformable attention for dac-detr.
 
-``ms_deform_attn`` is the one function the model calls. CPU tensors use the pure-PyTorch path in
-``msda_torch``; the Triton kernels for CUDA tensors plug in behind the same function.
+``ms_deform_attn`` is the one function the model calls. It is the torch custom op
+``torch.ops.dac_detr.ms_deform_attn`` (one node for autograd, ``torch.compile`` and CUDA graphs):
+CUDA tensors run the Triton kernels of ``msda_triton``, CPU tensors the pure-PyTorch path of
+``msda_torch``; ``DAC_DETR_MSDA={auto,triton,torch}`` overrides the choice (see ``ops``).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .msda_torch import ms_deform_attn_torch
+from .msda_torch import ms_deform_attn_torch, ms_deform_attn_torch_backward
+from .ops import TRITON_IMPORT_ERROR, check_inputs, ms_deform_attn_op, select_backend
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_torch"]
+__all__ = [
+    "TRITON_IMPORT_ERROR",
+    "ms_deform_attn",
+    "ms_deform_attn_op",
+    "ms_deform_attn_torch",
+    "ms_deform_attn_torch_backward",
+    "select_backend",
+]
 
 
 def ms_deform_attn(
@@ -20,7 +30,18 @@ def ms_deform_attn(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """value (B, S, H, D); spatial_shapes (L, 2) int64 (h, w); level_start_index (L,);
-    sampling_locations (B, Q, H, L, P, 2) in [0, 1] (x, y); attention_weights (B, Q, H, L, P)
-    -> (B, Q, H*D)."""
-    return ms_deform_attn_torch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    """Multi-scale deformable attention (the reference Deformable-DETR op's semantics).
+
+    Args:
+        value: (B, S, H, D) float32/bfloat16/float16 (float64 too), the flattened levels.
+        spatial_shapes: (L, 2) int64 (h, w) per level; keep it on value's device.
+        level_start_index: (L,) int64, the exclusive cumulative sum of h*w.
+        sampling_locations: (B, Q, H, L, P, 2) in [0, 1] as (x, y), any float dtype (fp32
+            recommended; the Triton path never downcasts it).
+        attention_weights: (B, Q, H, L, P), any float dtype, softmaxed over L*P by the caller.
+
+    Returns:
+        (B, Q, H*D) in value's dtype. Gradients come back in each input's dtype.
+    """
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
