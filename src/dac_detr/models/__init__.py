@@ -1,5 +1,6 @@
 """The detector: backbones, deformable transformer with the DAC dual decoder, CDN queries."""
 
+from .backbone import ResNetBackbone
 from .detector import DACDETR
 
-__all__ = ["DACDETR"]
+__all__ = ["DACDETR", "ResNetBackbone"]

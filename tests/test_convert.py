@@ -1,0 +1,125 @@
+"""Official-checkpoint import: names and shapes from shared/reference, strict load, exact round trip."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dac_detr.models import DACDETR
+from dac_detr.models.backbone import ResNetBackbone
+from dac_detr.models.convert import (
+    NotAnOfficialCheckpointError,
+    convert_official_checkpoint,
+    load_official,
+    official_to_ours,
+    ours_to_official,
+    read_official_checkpoint,
+)
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+if not REFERENCE.is_dir():  # the design documents live beside the repository
+    REFERENCE = Path("/work/shared/reference")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_entries(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    entries = {}
+    for line in (REFERENCE / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        entries[key] = (tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()), getattr(torch, dtype))
+    return entries
+
+
+def random_official_state_dict(entries, seed=0) -> dict[str, torch.Tensor]:
+    """Random values with the official names, shapes and dtypes; head aliases share tensors as officially."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, (shape, dtype) in entries.items():
+        if key.startswith("transformer.decoder.class_embed.") or key.startswith("transformer.decoder.bbox_embed."):
+            continue
+        sd[key] = (torch.randn(shape, generator=g) if dtype.is_floating_point
+                   else torch.randint(0, 100, shape, generator=g, dtype=dtype))
+    for key in entries:
+        for alias, primary in (("transformer.decoder.class_embed.", "class_embed."),
+                               ("transformer.decoder.bbox_embed.", "bbox_embed.")):
+            if key.startswith(alias):
+                sd[key] = sd[primary + key[len(alias):]]
+    return sd
+
+
+@pytest.fixture(scope="module")
+def r50_model():
+    return DACDETR(ResNetBackbone(name="resnet50", pretrained=None), num_classes=91)
+
+
+def test_r50_parameter_count_equals_official(r50_model):
+    # shared/reference/official_r50_state_dict.txt header: 47,739,225 total, 47,516,825 trainable
+    assert sum(p.numel() for p in r50_model.parameters()) == 47_739_225
+    assert sum(p.numel() for p in r50_model.parameters() if p.requires_grad) == 47_516_825
+
+
+def test_r50_reference_state_dict_loads_strictly_and_round_trips(r50_model, tmp_path):
+    entries = reference_entries("official_r50_state_dict.txt")
+    assert len(entries) == 632
+    official = random_official_state_dict(entries)
+    ours = official_to_ours(official)
+    assert len(ours) == 632 - 56  # 7 class heads x 2 + 7 box heads x 6 tensors held twice officially
+    load_official(r50_model, official)  # strict
+    loaded = r50_model.state_dict()
+    assert set(loaded) == set(ours)
+    for key, value in ours.items():
+        assert torch.equal(loaded[key], value), key
+    # the heads land where the official decoder aliases pointed
+    assert torch.equal(loaded["bbox_embed.6.layers.2.weight"], official["transformer.decoder.bbox_embed.6.layers.2.weight"])
+
+    back = ours_to_official(r50_model.state_dict())
+    assert list(back) and set(back) == set(official)
+    for key, value in official.items():
+        assert back[key].shape == value.shape and torch.equal(back[key], value), key
+
+    # through a file in the official layout, with the pickled argparse.Namespace main.py stores
+    src, dst = tmp_path / "checkpoint0011.pth", tmp_path / "converted.pth"
+    torch.save({"model": official, "args": argparse.Namespace(lr=2e-4, backbone="resnet50"), "epoch": 11}, src)
+    assert set(read_official_checkpoint(src)) == set(official)
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_official.py"), str(src), str(dst)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    converted = torch.load(dst, weights_only=True)["model"]
+    r50_model.load_state_dict(converted, strict=True)
+    assert torch.equal(r50_model.state_dict()["transformer.level_embed"], official["transformer.level_embed"])
+
+
+def test_wrong_files_give_a_clear_error(r50_model, tmp_path):
+    ours = tmp_path / "ours.pth"
+    torch.save({"model": r50_model.state_dict()}, ours)
+    with pytest.raises(NotAnOfficialCheckpointError, match="not an official DAC-DETR checkpoint"):
+        read_official_checkpoint(ours)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(NotAnOfficialCheckpointError, match="garbage.pth"):
+        read_official_checkpoint(garbage)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        read_official_checkpoint(tmp_path / "missing.pth")
+    with pytest.raises(NotAnOfficialCheckpointError, match="not an official DAC-DETR state dict"):
+        official_to_ours({"weight": torch.zeros(1)})
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_official.py"), str(ours),
+                             str(tmp_path / "out.pth")], capture_output=True, text=True)
+    assert result.returncode == 2 and "not an official DAC-DETR checkpoint" in result.stderr
+
+
+def test_edited_aliases_and_wrong_model_are_refused(r50_model):
+    official = random_official_state_dict(reference_entries("official_r50_state_dict.txt"))
+    official["transformer.decoder.class_embed.3.bias"] = official["class_embed.3.bias"] + 1
+    with pytest.raises(NotAnOfficialCheckpointError, match="differs from 'class_embed.3.bias'"):
+        official_to_ours(official)
+    official = random_official_state_dict(reference_entries("official_r50_state_dict.txt"))
+    small = DACDETR(ResNetBackbone(name="resnet50", pretrained=None), num_classes=80)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_official(small, official)
