@@ -327,13 +327,8 @@ class LabelMapping:
 
 
 def _decode_image(path: Path) -> torch.Tensor:
-    """(3, H, W) uint8 RGB; torchvision's decoder for JPEG/PNG, PIL for anything else."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        pass  # a format torchvision cannot decode (BMP, TIFF, ...), or a broken file: let PIL judge
+    """(3, H, W) uint8 RGB, decoded with PIL as the official code does (raw pixel orientation,
+    EXIF rotation ignored, which is what COCO-style annotations refer to)."""
     from PIL import Image
 
     try:

@@ -17,8 +17,8 @@ class QueriesPerObject(Metric):
     The score of query q for object g is ``w_cls * sigmoid(logit[q, c_g]) + w_iou * IoU(box_q,
     box_g)`` (the one-to-many assignment score, SPEC §3). Feed it the final-layer O-stream
     predictions (``pred_logits``, ``pred_boxes``) of every validation batch; ``compute()`` returns
-    ``{"queries_per_object@0.6": ..., ...}``: total count of (query, object) pairs above the
-    threshold / number of objects. The paper's figure reads about 5.5 / 3 / 1.7 at 0.6 / 0.7 / 0.8
+    ``{0.6: ..., 0.7: ..., 0.8: ...}``: threshold -> number of (query, object) pairs above it /
+    number of objects. The paper's figure reads about 5.5 / 3 / 1.7 at 0.6 / 0.7 / 0.8
     for DAC-DETR after 12 epochs on COCO. Counts are summed over processes under DDP (images
     that the DistributedSampler repeats are counted again; negligible on a full val set).
     """
@@ -49,6 +49,6 @@ class QueriesPerObject(Metric):
             self.pair_counts += (score[None] > thresholds[:, None, None]).sum(dim=(1, 2))
             self.num_objects += labels.numel()
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[float, float]:
         n = max(int(self.num_objects), 1)
-        return {f"queries_per_object@{t:g}": int(c) / n for t, c in zip(self.thresholds, self.pair_counts)}
+        return {t: int(c) / n for t, c in zip(self.thresholds, self.pair_counts)}
