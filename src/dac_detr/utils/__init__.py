@@ -1,0 +1,1 @@
+"""Helpers of the training application: instantiation, the task wrapper, W&B, checkpoints, EMA."""
