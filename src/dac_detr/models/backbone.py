@@ -30,9 +30,13 @@ from dac_detr.models.backbone_common import (
     load_matching_weights,
     read_checkpoint,
 )
+from dac_detr.models.swin import SwinBackbone, swin_official_to_timm, swin_timm_to_official
 
 __all__ = [
     "ResNetBackbone",
+    "SwinBackbone",
+    "swin_official_to_timm",
+    "swin_timm_to_official",
     "PretrainedWeightsUnavailable",
 ]
 

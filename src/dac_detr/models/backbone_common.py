@@ -147,13 +147,15 @@ def load_matching_weights(
     *,
     source: str,
     ignore: Callable[[str], bool] = lambda name: False,
+    expected_missing: Callable[[str], bool] = lambda name: False,
 ) -> LoadReport:
     """Copy ``state_dict`` into ``module``, reporting every key that did not match.
 
     Keys for which ``ignore(name)`` is true (e.g. a classifier head the backbone does not keep)
-    are dropped and logged at INFO; other missing or unexpected keys are logged as a WARNING
-    listing them. A shape mismatch is an error: it means the checkpoint is for another
-    architecture.
+    are dropped and logged at INFO, as are missing keys for which ``expected_missing(name)`` is
+    true (layers that only exist in the detector); other missing or unexpected keys are logged
+    as a WARNING listing them (they stay in the report either way). A shape mismatch is an
+    error: it means the checkpoint is for another architecture.
     """
     own = module.state_dict()
     report = LoadReport()
@@ -181,10 +183,15 @@ def load_matching_weights(
     if report.ignored:
         log.info("pretrained weights from '%s': ignored %d keys not used by the backbone (%s)",
                  source, len(report.ignored), _summarise(report.ignored))
-    if report.missing:
+    fresh = [name for name in report.missing if expected_missing(name)]
+    surprising = [name for name in report.missing if not expected_missing(name)]
+    if fresh:
+        log.info("pretrained weights from '%s': %d keys are new in the detector and keep their "
+                 "initialisation (%s)", source, len(fresh), _summarise(fresh))
+    if surprising:
         log.warning("pretrained weights from '%s': %d keys of the backbone are MISSING from the "
                     "checkpoint and keep their initialisation: %s",
-                    source, len(report.missing), _summarise(report.missing))
+                    source, len(surprising), _summarise(surprising))
     if report.unexpected:
         log.warning("pretrained weights from '%s': %d UNEXPECTED keys in the checkpoint were not "
                     "loaded: %s", source, len(report.unexpected), _summarise(report.unexpected))
