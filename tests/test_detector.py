@@ -321,3 +321,39 @@ def test_official_head_init():
     refine_only = tiny_model(num_decoder_layers=2, two_stage=False)
     assert torch.equal(refine_only.bbox_embed[0].layers[-1].bias, torch.tensor([0.0, 0.0, -2.0, -2.0]))
     assert torch.count_nonzero(refine_only.bbox_embed[1].layers[-1].bias) == 0
+
+
+@pytest.mark.parametrize("lft", [True, False])
+def test_look_forward_twice_sends_next_layer_box_gradients_into_the_previous_head(lft):
+    torch.manual_seed(0)
+    model = tiny_model(look_forward_twice=lft, dac_enabled=False, dn_number=0, num_decoder_layers=2)
+    randomize_heads(model)
+    model.train()
+    images, mask, targets = batch()
+    out = model(images, mask, targets)
+    out["pred_boxes"].sum().backward()  # the layer-1 boxes only
+    grad = model.bbox_embed[0].layers[-1].weight.grad
+    if lft:
+        assert grad is not None and grad.abs().sum() > 0
+    else:  # the previous reference is detached: no path to layer 0's head
+        assert grad is None or torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_references_move_only_with_box_refinement(refine):
+    torch.manual_seed(0)
+    model = tiny_model(with_box_refine=refine, num_decoder_layers=3, dn_number=0, dac_enabled=False)
+    randomize_heads(model)
+    references = []
+    for layer in model.transformer.decoder.layers:
+        layer.cross_attn.register_forward_hook(lambda mod, args, out: references.append(args[1]))
+    model.eval()
+    images, mask, _ = batch()
+    with torch.no_grad():
+        out = model(images, mask)
+    assert len(references) == 3
+    same = [torch.equal(references[0], r) for r in references[1:]]
+    assert not any(same) if refine else all(same)
+    if not refine:  # every layer predicts relative to the same (initial) reference
+        first = out["aux_outputs"][0]["pred_boxes"]
+        assert not torch.equal(first, out["pred_boxes"])

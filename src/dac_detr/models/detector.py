@@ -333,6 +333,9 @@ def _check_targets(targets: list[dict[str, Tensor]], batch_size: int, num_classe
         n = t["labels"].shape[0]
         if t["boxes"].shape != (n, 4):
             raise ValueError(f"target {i}: boxes must be ({n}, 4) to match {n} labels, got {tuple(t['boxes'].shape)}")
-        if n and (int(t["labels"].min()) < 0 or int(t["labels"].max()) >= num_classes):
-            raise ValueError(f"target {i}: labels must lie in [0, {num_classes}) (num_classes={num_classes}); "
-                             f"got range [{int(t['labels'].min())}, {int(t['labels'].max())}]")
+    labels = torch.cat([t["labels"].reshape(-1) for t in targets])
+    if labels.numel():
+        low, high = torch.stack(labels.aminmax()).tolist()  # one host sync per batch
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"target labels must lie in [0, {num_classes}) (num_classes={num_classes}), got "
+                             f"[{low}, {high}]; num_classes must come from the datamodule")
