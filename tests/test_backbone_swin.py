@@ -71,7 +71,8 @@ def reference_official_swin(sd: dict[str, torch.Tensor], images: torch.Tensor, d
             for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
                 region[hs, ws] = count
                 count += 1
-        region_windows = region.view(Hp // window, window, Wp // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+        region_windows = region.view(Hp // window, window, Wp // window, window).permute(0, 2, 1, 3)
+        region_windows = region_windows.reshape(-1, window * window)
         shift_mask = (region_windows[:, None, :] != region_windows[:, :, None]).to(x.dtype) * -100.0
         for j in range(depth):
             p = f"layers.{stage}.blocks.{j}"
@@ -168,7 +169,8 @@ def test_training_step_with_checkpointing_and_drop_path_reaches_every_parameter(
     torch.manual_seed(0)
     backbone = tiny_swin(drop_path_rate=0.3, gradient_checkpointing=True).train()
     assert all(p.requires_grad for p in backbone.parameters())  # the whole Swin trains
-    drop_rates = [getattr(block.drop_path1, "drop_prob", 0.0) for stage in backbone.body.layers for block in stage.blocks]
+    blocks = [block for stage in backbone.body.layers for block in stage.blocks]
+    drop_rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in blocks]  # rate 0 is an Identity
     torch.testing.assert_close(torch.tensor(drop_rates), torch.linspace(0, 0.3, 8))
     images, mask = padded_batch([(45, 70)])
     sum(f.square().mean() for f, _ in backbone(images, mask)).backward()
@@ -251,7 +253,7 @@ def test_local_official_imagenet_checkpoint_loads_with_a_report(tmp_path, caplog
         loaded = tiny_swin(pretrained=str(path))
     assert not caplog.records  # only the expected differences, logged at INFO
     report = loaded.load_report
-    assert sorted(report.missing) == ["norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight", "norm3.bias", "norm3.weight"]
+    assert sorted(report.missing) == [f"norm{i}.{p}" for i in (1, 2, 3) for p in ("bias", "weight")]
     assert report.unexpected == [] and set(report.ignored) == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
     for name, tensor in loaded.body.state_dict().items():
         if not name.startswith(("norm1.", "norm2.", "norm3.")):
@@ -308,7 +310,8 @@ def test_hub_weights_offline_name_the_file_to_download(tmp_path, monkeypatch):
         SwinBackbone("swin_tiny_patch4_window7_224.ms_in1k", pretrained="timm",
                      embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
     message = str(error.value)
-    assert "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth" in message
+    storage = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+    assert storage + "swin_tiny_patch4_window7_224.pth" in message
     assert "backbone.pretrained=/path/to/swin_tiny_patch4_window7_224.pth" in message
     assert "swin_large_patch4_window12_384_22k.pth" in message
 

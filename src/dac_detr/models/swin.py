@@ -93,7 +93,8 @@ class SwinBody(nn.Module):
         x = self.patch_embed(F.pad(images, (0, pad_w, 0, pad_h)))  # (B, h, w, C), channels last
         outputs = []
         for index, stage in enumerate(self.layers):
-            x = stage.downsample(x)  # identity in stage 0; 2x2 patch merging (pads odd sizes) after
+            if not isinstance(stage.downsample, nn.Identity):  # timm: stages 1-3 start by merging
+                x = patch_merging_forward(stage.downsample, x)
             x = self._run_blocks(stage.blocks, x)
             if index in OUT_STAGES:
                 norm = getattr(self, f"norm{index}")
@@ -154,6 +155,20 @@ def swin_block_forward(block: nn.Module, x: Tensor, shift_mask: Tensor | None) -
     x = shortcut + block.drop_path1(x)
     x = x + block.drop_path2(block.mlp(block.norm2(x)))
     return x
+
+
+def patch_merging_forward(merging: nn.Module, x: Tensor) -> Tensor:
+    """2x2 patch merging, (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out), as the official code does.
+
+    Odd sizes are zero-padded bottom/right. The four neighbours are concatenated as
+    x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (the order of the official and
+    timm weights), then LayerNorm and the bias-free linear reduction of timm's ``PatchMerging``
+    are applied. Written out here because older timm releases (e.g. 1.0.8) pad odd sizes the wrong way.
+    """
+    height, width = x.shape[1:3]
+    x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+    return merging.reduction(merging.norm(x))
 
 
 def window_partition(x: Tensor, window: tuple[int, int]) -> Tensor:
