@@ -137,7 +137,7 @@ def swin_block_forward(block: nn.Module, x: Tensor, shift_mask: Tensor | None) -
     Returns:
         (B, H, W, C).
     """
-    batch, height, width, channels = x.shape
+    height, width = x.shape[1:3]
     window_h, window_w = block.window_size
     shift_h, shift_w = block.shift_size
     shortcut = x
@@ -355,8 +355,7 @@ def _hub_error(model_name: str, error: Exception) -> PretrainedWeightsUnavailabl
 
 # --------------------------------------------------------------------------- name mapping
 
-_OFFICIAL_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
-_TIMM_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 
 
 def is_official_swin_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
@@ -383,7 +382,7 @@ def swin_official_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
                     f"{window}; this checkpoint is not an official Swin one"
                 )
             continue
-        converted[_OFFICIAL_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)] = value
+        converted[_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)] = value
     return converted
 
 
@@ -396,7 +395,7 @@ def swin_timm_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
     """
     converted: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        match = _TIMM_DOWNSAMPLE.match(key)
+        match = _DOWNSAMPLE.match(key)
         if match:
             stage = int(match.group(1))
             if stage == 0:
