@@ -509,7 +509,11 @@ def run(args):
                "reference_op": reference_name, "protocol": {
                    "rounds": args.rounds, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                    "timer": "triton.testing.do_bench (L2 flushed)" if device.type == "cuda" else "perf_counter",
-                   "quantiles": [0.2, 0.5, 0.8]}, "cases": []}  # fmt: skip
+                   "quantiles": [0.2, 0.5, 0.8],
+                   "notes": "triton: the kernels' launchers called directly (the custom op adds only its "
+                            "dispatch); bwd includes the fp32 grad_value zero-fill and cast. grid_sample and "
+                            "reference: autograd, bwd = autograd.grad on a retained graph. Roofline bytes: "
+                            "KERNELS.md §3.2 with fp32 locations/weights."}, "cases": []}  # fmt: skip
     for call, dtype, dist, batch, levels, decoder_queries, heads, head_dim, impl_names in plan(args):
         case = make_case(call, dtype, dist, batch, levels, decoder_queries, device, heads, head_dim)
         names = list(impl_names) + (["reference"] if reference_apply is not None else [])
