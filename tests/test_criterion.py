@@ -435,3 +435,35 @@ def test_bad_input_gives_clear_errors():
         _criterion(weights={"bbox": 5})
     with pytest.raises(ValueError, match="o2m_box_source"):
         _criterion(o2m_box_source="both")
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_outputs_give_the_cpu_values():
+    """Everything follows the outputs' device; a CUDA generator drives the cap there."""
+    gen = torch.Generator().manual_seed(12)
+    targets = _targets(gen, [3, 1], 3)
+    outputs = _outputs(gen, targets, queries=12, layers=2, enc_tokens=20)
+
+    def to_cuda(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().cuda().requires_grad_()
+        if isinstance(x, dict):
+            return {k: to_cuda(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [to_cuda(v) for v in x]
+        return x
+
+    crit = SetCriterion(3, HungarianMatcher(), OneToManyAssigner(max_positives=None))
+    cpu = crit(outputs, targets)
+    cuda_outputs = to_cuda(outputs)
+    cuda = crit(cuda_outputs, [{k: v.cuda() for k, v in t.items()} for t in targets])
+    assert set(cpu) == set(cuda)
+    for k in cpu:
+        assert cuda[k].device.type == "cuda"
+        torch.testing.assert_close(cuda[k].cpu(), cpu[k], rtol=1e-4, atol=1e-5)
+    _total(cuda).backward()
+    capped = SetCriterion(3, HungarianMatcher(), OneToManyAssigner(max_positives=2))
+    terms = capped(cuda_outputs, [{k: v.cuda() for k, v in t.items()} for t in targets],
+                   generator=torch.Generator(device="cuda").manual_seed(0))
+    assert all(torch.isfinite(v) for v in terms.values())

@@ -1,6 +1,6 @@
 """The loss functions of DAC-DETR as plain functions of tensors (SPEC part 2, §4.2-§4.4, §4.6).
 
-Every function returns an un-normalised **sum**; the criterion divides by the normaliser of the
+The loss functions return an un-normalised **sum**; the criterion divides by the normaliser of the
 branch (N, N / loss_scale or N·G). Nothing here keeps state: the rank weight of a one-to-many
 positive is computed by :func:`rank_weights` and passed to the box losses explicitly (the
 official code handed it over through ``self.loc_weight``, which depended on call order).

@@ -46,6 +46,10 @@ class HungarianMatcher(nn.Module):
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
 
+    def extra_repr(self) -> str:
+        return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
+                f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}")
+
     @torch.no_grad()
     def cost_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor) -> Tensor:
         """Matching costs of every prediction with every (padded) GT of its own image.
