@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
+import math
+import runpy
 from pathlib import Path
 
 import pytest
 import torch
 
 from dac_detr.models import DACDETR
-from dac_detr.models.backbone import ResNetBackbone
+from dac_detr.models.backbone import ResNetBackbone, SwinBackbone
+from dac_detr.models.swin import relative_position_index
 from dac_detr.models.convert import (
     NotAnOfficialCheckpointError,
     convert_official_checkpoint,
@@ -25,6 +26,11 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 if not REFERENCE.is_dir():  # the design documents live beside the repository
     REFERENCE = Path("/work/shared/reference")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def convert_cli(*args: str) -> int:
+    """scripts/convert_official.py's main(), run in this process (no second interpreter start-up)."""
+    return runpy.run_path(str(REPO / "scripts" / "convert_official.py"), run_name="convert_official")["main"](list(args))
 
 
 def reference_entries(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -44,8 +50,11 @@ def random_official_state_dict(entries, seed=0) -> dict[str, torch.Tensor]:
     for key, (shape, dtype) in entries.items():
         if key.startswith("transformer.decoder.class_embed.") or key.startswith("transformer.decoder.bbox_embed."):
             continue
-        sd[key] = (torch.randn(shape, generator=g) if dtype.is_floating_point
-                   else torch.randint(0, 100, shape, generator=g, dtype=dtype))
+        if key.endswith("relative_position_index"):  # a fixed buffer the Swin mapping verifies
+            window = math.isqrt(shape[0])
+            sd[key] = relative_position_index(window, window)
+        else:
+            sd[key] = torch.randn(shape, generator=g, dtype=dtype)
     for key in entries:
         for alias, primary in (("transformer.decoder.class_embed.", "class_embed."),
                                ("transformer.decoder.bbox_embed.", "bbox_embed.")):
@@ -88,15 +97,13 @@ def test_r50_reference_state_dict_loads_strictly_and_round_trips(r50_model, tmp_
     src, dst = tmp_path / "checkpoint0011.pth", tmp_path / "converted.pth"
     torch.save({"model": official, "args": argparse.Namespace(lr=2e-4, backbone="resnet50"), "epoch": 11}, src)
     assert set(read_official_checkpoint(src)) == set(official)
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_official.py"), str(src), str(dst)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert convert_cli(str(src), str(dst)) == 0
     converted = torch.load(dst, weights_only=True)["model"]
     r50_model.load_state_dict(converted, strict=True)
     assert torch.equal(r50_model.state_dict()["transformer.level_embed"], official["transformer.level_embed"])
 
 
-def test_wrong_files_give_a_clear_error(r50_model, tmp_path):
+def test_wrong_files_give_a_clear_error(r50_model, tmp_path, capsys):
     ours = tmp_path / "ours.pth"
     torch.save({"model": r50_model.state_dict()}, ours)
     with pytest.raises(NotAnOfficialCheckpointError, match="not an official DAC-DETR checkpoint"):
@@ -109,9 +116,9 @@ def test_wrong_files_give_a_clear_error(r50_model, tmp_path):
         read_official_checkpoint(tmp_path / "missing.pth")
     with pytest.raises(NotAnOfficialCheckpointError, match="not an official DAC-DETR state dict"):
         official_to_ours({"weight": torch.zeros(1)})
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_official.py"), str(ours),
-                             str(tmp_path / "out.pth")], capture_output=True, text=True)
-    assert result.returncode == 2 and "not an official DAC-DETR checkpoint" in result.stderr
+    assert convert_cli(str(ours), str(tmp_path / "out.pth")) == 2
+    assert "not an official DAC-DETR checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out.pth").exists()
 
 
 def test_edited_aliases_and_wrong_model_are_refused(r50_model):
@@ -120,6 +127,29 @@ def test_edited_aliases_and_wrong_model_are_refused(r50_model):
     with pytest.raises(NotAnOfficialCheckpointError, match="differs from 'class_embed.3.bias'"):
         official_to_ours(official)
     official = random_official_state_dict(reference_entries("official_r50_state_dict.txt"))
-    small = DACDETR(ResNetBackbone(name="resnet50", pretrained=None), num_classes=80)
+    with torch.device("meta"):  # only the shapes matter here
+        small = DACDETR(ResNetBackbone(name="resnet50", pretrained=None), num_classes=80)
     with pytest.raises(ValueError, match="shape mismatch"):
         load_official(small, official)
+
+
+def test_swin_l_reference_state_dict_loads_strictly_and_round_trips():
+    # built on the meta device: Swin-L's random init alone takes ~25 s on 2 cores
+    with torch.device("meta"):
+        model = DACDETR(SwinBackbone(pretrained=None), num_classes=91)
+    # shared/reference/official_swin_l_state_dict.txt header: 218,076,109 parameters, all trainable
+    assert sum(p.numel() for p in model.parameters()) == 218_076_109
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 218_076_109
+    entries = reference_entries("official_swin_l_state_dict.txt")
+    assert len(entries) == 722
+    official = random_official_state_dict(entries)
+    ours = official_to_ours(official)
+    load_official(model, official, assign=True)
+    loaded = model.state_dict()
+    assert set(loaded) == set(ours)
+    assert all(torch.equal(loaded[k], v) for k, v in ours.items())
+    assert all(p.requires_grad for p in model.parameters())
+    back = ours_to_official(loaded)
+    assert set(back) == set(official)
+    for key, value in official.items():
+        assert torch.equal(back[key], value), key

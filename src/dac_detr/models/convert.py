@@ -137,8 +137,12 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     return dict(checkpoint)
 
 
-def load_official(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Tensor]) -> None:
-    """Convert and load strictly into ``model``; a clear error lists missing / unexpected / mis-shaped keys."""
+def load_official(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Tensor], assign: bool = False) -> None:
+    """Convert and load strictly into ``model``; a clear error lists missing / unexpected / mis-shaped keys.
+
+    ``assign=True`` uses the checkpoint tensors as the parameters instead of copying into them,
+    e.g. for a model built on the meta device (no random init, no second copy of Swin-L).
+    """
     official = (path_or_state_dict if isinstance(path_or_state_dict, Mapping)
                 else read_official_checkpoint(path_or_state_dict))
     ours = official_to_ours(official)
@@ -154,7 +158,7 @@ def load_official(model: nn.Module, path_or_state_dict: str | Path | Mapping[str
             f"  missing: {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)})\n"
             f"  unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})\n"
             f"  shape mismatch: {mis_shaped[:10]} ({len(mis_shaped)})")
-    model.load_state_dict(ours, strict=True)
+    model.load_state_dict(ours, strict=True, assign=assign)
 
 
 def convert_official_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Tensor]:
