@@ -357,3 +357,26 @@ def test_references_move_only_with_box_refinement(refine):
     if not refine:  # every layer predicts relative to the same (initial) reference
         first = out["aux_outputs"][0]["pred_boxes"]
         assert not torch.equal(first, out["pred_boxes"])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_follows_the_device():
+    torch.manual_seed(0)
+    cpu_model = tiny_model()
+    randomize_heads(cpu_model)
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    images, mask, targets = batch(gt_counts=(3, 1))
+    cpu_model.eval()
+    cuda_model.eval()
+    with torch.no_grad():
+        expected = cpu_model(images, mask)
+        got = cuda_model(images.cuda(), mask.cuda())
+    for key in ("pred_logits", "pred_boxes"):
+        assert got[key].device.type == "cuda"
+        torch.testing.assert_close(got[key].cpu(), expected[key], atol=1e-4, rtol=1e-4)
+    cuda_model.train()
+    cuda_targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    out = cuda_model(images.cuda(), mask.cuda(), cuda_targets, generator=torch.Generator("cuda").manual_seed(0))
+    assert out["dn_outputs"]["c"][-1]["pred_boxes"].device.type == "cuda"
+    sum(v.sum() for v in _all_tensors(out)).backward()
+    assert all(p.grad is not None for p in cuda_model.parameters() if p.requires_grad)
