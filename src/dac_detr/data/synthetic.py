@@ -32,7 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Bump when the generated content changes, so cached copies from older versions are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # (name, RGB): saturated, well-separated hues; the clutter is nearly grey.
 CLASSES = (
@@ -58,7 +58,9 @@ def size_ranges(image_size: int) -> dict[str, tuple[int, int]]:
     A square object of side s has area s², so sides < 32 are COCO "small", 32..95 "medium" and
     >= 97 "large". Ranges that do not fit the image are left out.
     """
-    lo = max(8, round(0.07 * image_size))
+    # The smallest objects span about 1.5 cells of a stride-8 feature map: still detectable by a
+    # small model trained for minutes.
+    lo = max(8, round(0.1 * image_size))
     ranges = {
         "small": (lo, min(31, int(0.75 * image_size))),
         "medium": (32, min(95, int(0.75 * image_size))),
@@ -131,14 +133,16 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int = 4) -> t
     ranges = size_ranges(size)
     names = list(ranges)
     mix = np.array([SIZE_MIX[n] for n in names])
+    shortest = min(r[0] for r in ranges.values())
     plans = []
     for _ in range(num_objects):
         cls = int(rng.integers(len(CLASSES)))
         lo, hi = ranges[names[int(rng.choice(len(names), p=mix / mix.sum()))]]
         side = int(rng.integers(lo, hi + 1))
         w = h = side
-        if CLASSES[cls][0] == "bar":  # a long thin rectangle, horizontal or vertical
-            thin = max(3, round(side * rng.uniform(0.22, 0.32)))
+        if CLASSES[cls][0] == "bar":  # a long thin rectangle, horizontal or vertical, >= 4 px thick
+            side = min(max(side, 2 * shortest), size)
+            thin = max(4, round(side * rng.uniform(0.22, 0.32)))
             w, h = (side, thin) if rng.random() < 0.5 else (thin, side)
         plans.append((cls, w, h, int(rng.integers(2))))
     plans.sort(key=lambda p: -p[1] * p[2])  # large ones at the back, so small ones stay visible
