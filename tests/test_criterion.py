@@ -363,9 +363,16 @@ def test_a_gt_that_no_query_reaches():
     for layer in [outputs] + outputs["c_outputs"]:
         boxes = torch.tensor([[[0.5, 0.5, 0.3, 0.3]] * 5]) + torch.rand(1, 5, 4, generator=gen) * 0.02
         layer["pred_boxes"] = boxes.requires_grad_()
+    # every query sits on GT 0: GT 1's best query is forced positive but keeps GT 0 as its match,
+    # so GT 1 gets no one-to-many positive at all
+    _, gt_idx = OneToManyAssigner()(outputs["c_outputs"][0]["pred_logits"][0], outputs["pred_boxes"][0],
+                                    targets[0]["labels"], targets[0]["boxes"])
+    assert gt_idx.numel() > 0 and 1 not in gt_idx.tolist()
     terms = _criterion()(outputs, targets)
     assert all(torch.isfinite(v) for v in terms.values())
+    assert terms["stat_o2m_pos_per_gt_0"].item() == pytest.approx(gt_idx.numel() / 2)
     _total(terms).backward()
+    assert all(torch.isfinite(t.grad).all() for t in _leaves(outputs))
 
 
 def test_degenerate_predicted_boxes():

@@ -75,9 +75,19 @@ def test_ia_bce_duplicate_entry_takes_the_larger_target():
     idx_dup = (torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0, 0]))
     idx_one = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
     for targets in ([0.3, 0.6], [0.6, 0.3]):  # order does not matter
-        dup = ia_bce_loss(logits, idx_dup, torch.tensor(targets, dtype=torch.float64))
-        one = ia_bce_loss(logits, idx_one, torch.tensor([0.6], dtype=torch.float64))
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        dup = ia_bce_loss(a, idx_dup, torch.tensor(targets, dtype=torch.float64))
+        one = ia_bce_loss(b, idx_one, torch.tensor([0.6], dtype=torch.float64))
         assert dup.item() == pytest.approx(one.item(), rel=1e-14)
+        dup.backward()
+        one.backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-14, atol=1e-14)
+    # and among other positives, in any position
+    idx = (torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 1, 0]), torch.tensor([1, 0, 0, 0]))
+    got = ia_bce_loss(logits, idx, torch.tensor([0.2, 0.1, 0.7, 0.4], dtype=torch.float64))
+    assert got.item() == pytest.approx(_ia_bce_direct(logits, {(0, 0, 1): 0.2, (0, 1, 0): 0.7, (0, 0, 0): 0.4}),
+                                       rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -113,6 +123,9 @@ def test_focal_matches_the_elementwise_formula(alpha, gamma):
     positives = {(int(bi), int(qi), int(ci)) for bi, qi, ci in zip(b, q, c)}
     got = sigmoid_focal_loss(logits, (b, q, c), alpha, gamma)
     assert got.item() == pytest.approx(_focal_direct(logits, positives, alpha, gamma), rel=1e-12)
+    # an entry named twice is still a single positive
+    twice = tuple(torch.cat([i, i[:1]]) for i in (b, q, c))
+    assert sigmoid_focal_loss(logits, twice, alpha, gamma).item() == pytest.approx(got.item(), rel=1e-14)
 
 
 def test_focal_gradient_matches_the_dense_formula():

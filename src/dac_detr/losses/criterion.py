@@ -363,8 +363,9 @@ class SetCriterion(nn.Module):
                                  f"{tuple(boxes.shape)}; expected (N,) and (N, 4)")
             checked.append({"labels": labels, "boxes": boxes})
         all_labels = torch.cat([t["labels"] for t in checked])
-        if all_labels.numel() and (int(all_labels.min()) < 0 or int(all_labels.max()) >= self.num_classes):
-            raise ValueError(f"SetCriterion: target labels must lie in [0, {self.num_classes}); got the range "
-                             f"[{int(all_labels.min())}, {int(all_labels.max())}]; check num_classes and "
-                             "the data set's label mapping")
+        if all_labels.numel():
+            low, high = torch.stack([all_labels.min(), all_labels.max()]).tolist()  # one device sync
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"SetCriterion: target labels must lie in [0, {self.num_classes}); got the "
+                                 f"range [{low}, {high}]; check num_classes and the data set's label mapping")
         return checked

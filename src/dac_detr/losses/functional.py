@@ -68,17 +68,23 @@ def rank_weights(groups: Tensor, quality: Tensor, tau: float = 1.5) -> Tensor:
     return torch.exp(-rank_within_groups(groups, quality).to(quality.dtype) / tau)
 
 
-def _unique_positives(logits: Tensor, pos_index: tuple[Tensor, ...], pos_target: Tensor
-                      ) -> tuple[Tensor, Tensor]:
-    """Flat indices of the distinct positive entries of ``logits`` and, per entry, the largest
-    of the targets that name it: (K,) x 3 -> (U,), (U,)."""
+def _distinct_positives(logits: Tensor, pos_index: tuple[Tensor, ...], pos_target: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """The positive entries as flat indices into ``logits``, with duplicates resolved to the
+    largest target: (K,) x 3 -> flat (K,), target (K,), keep (K,) bool (one True per entry).
+
+    Sorted by target, then stably by entry, the last of each entry's run holds its largest
+    target. (No ``torch.unique``: it would wait for the GPU on every call.)
+    """
     batch_idx, query_idx, class_idx = pos_index
     num_queries, num_classes = logits.shape[1], logits.shape[2]
     flat = (batch_idx * num_queries + query_idx) * num_classes + class_idx
-    unique_flat, inverse = torch.unique(flat, return_inverse=True)
-    target = pos_target.new_zeros(unique_flat.shape[0]).scatter_reduce(
-        0, inverse, pos_target, reduce="amax", include_self=False)
-    return unique_flat, target.to(logits.dtype)
+    by_target = torch.sort(pos_target, stable=True).indices
+    order = by_target[torch.sort(flat[by_target], stable=True).indices]
+    flat, target = flat[order], pos_target[order].to(logits.dtype)
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[:-1] = flat[1:] != flat[:-1]
+    return flat, target, keep
 
 
 def ia_bce_loss(
@@ -112,10 +118,10 @@ def ia_bce_loss(
     loss = negative.sum()
     if pos_index[0].numel() == 0:
         return loss
-    flat, target = _unique_positives(logits, pos_index, pos_target.detach())
+    flat, target, keep = _distinct_positives(logits, pos_index, pos_target.detach())
     x = logits.reshape(-1)[flat]
     positive = -(target * F.logsigmoid(x) + (1 - target) * F.logsigmoid(-x))
-    return loss - negative.reshape(-1)[flat].sum() + positive.sum()
+    return loss + torch.where(keep, positive - negative.reshape(-1)[flat], 0).sum()
 
 
 def sigmoid_focal_loss(logits: Tensor, pos_index: tuple[Tensor, ...], alpha: float = 0.25,
@@ -140,10 +146,10 @@ def sigmoid_focal_loss(logits: Tensor, pos_index: tuple[Tensor, ...], alpha: flo
     loss = negative.sum()
     if pos_index[0].numel() == 0:
         return loss
-    flat, _ = _unique_positives(logits, pos_index, logits.new_ones(pos_index[0].shape[0]))
+    flat, _, keep = _distinct_positives(logits, pos_index, logits.new_ones(pos_index[0].shape[0]))
     x = logits.reshape(-1)[flat]
     positive = pos_alpha * torch.sigmoid(-x).pow(gamma) * -F.logsigmoid(x)
-    return loss - negative.reshape(-1)[flat].sum() + positive.sum()
+    return loss + torch.where(keep, positive - negative.reshape(-1)[flat], 0).sum()
 
 
 def box_l1_loss(src_boxes: Tensor, target_boxes: Tensor, weights: Tensor | None = None) -> Tensor:
