@@ -198,12 +198,20 @@ def _ddp_worker(rank: int, world: int, port: int, data: dict, out_dir: str) -> N
             evaluator.update([i], [detections[i]])
         metrics = evaluator.compute()
         written = evaluator.write_results(os.path.join(out_dir, "results.json"))
+        # A failure on rank 0 (here: nothing to evaluate) reaches every rank instead of hanging them.
+        evaluator.reset()
+        try:
+            evaluator.compute()
+            raised = ""
+        except ValueError as e:
+            raised = str(e)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"metrics": metrics, "wrote": written is not None}, f)
+            json.dump({"metrics": metrics, "wrote": written is not None, "raised": raised}, f)
     finally:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.timeout(120)
 def test_ddp_gathers_once_and_every_rank_gets_the_same_metrics(tmp_path):
     data = make_gt(num_images=11, seed=5)
     # fork: the workers inherit the imported modules instead of re-importing torch (seconds each).
@@ -218,6 +226,7 @@ def test_ddp_gathers_once_and_every_rank_gets_the_same_metrics(tmp_path):
         assert r["metrics"]["mAP"] == pytest.approx(single["mAP"], abs=1e-12)
         assert r["metrics"]["per_class"] == pytest.approx(single["per_class"], abs=1e-12)
     assert [r["wrote"] for r in ranks] == [True, False]  # only rank 0 writes the results file
+    assert all("before any update" in r["raised"] for r in ranks)
     # Every image once, although rank 1 saw image 1 a second time.
     gathered = json.loads((tmp_path / "results.json").read_text())
     key = lambda r: (r["image_id"], r["score"])  # noqa: E731

@@ -143,11 +143,21 @@ class CocoEvaluator:
         with ground truth. Identical on every rank."""
         per_image = self._gather()
         rank, world = _dist_world()
-        metrics = self._evaluate(per_image) if rank == 0 else None
-        if world > 1:
-            box = [(metrics, self.summary)]
-            torch.distributed.broadcast_object_list(box, src=0)
-            metrics, self.summary = box[0]
+        if world == 1:
+            return self._evaluate(per_image)
+        # Rank 0 evaluates; a failure there is sent along with the result, so the other ranks
+        # raise it too instead of waiting in the broadcast forever.
+        metrics, error = None, None
+        if rank == 0:
+            try:
+                metrics = self._evaluate(per_image)
+            except Exception as e:  # re-raised on every rank below
+                error = e
+        box = [(metrics, self.summary, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics, self.summary, error = box[0]
+        if error is not None:
+            raise error
         return metrics
 
     def _evaluate(self, per_image: dict[int, np.ndarray]) -> dict:
