@@ -52,10 +52,14 @@ def rank_within_groups(groups: Tensor, quality: Tensor) -> Tensor:
     by_quality = torch.sort(quality, descending=True, stable=True).indices
     by_group = torch.sort(groups[by_quality], stable=True).indices
     order = by_quality[by_group]  # grouped, and within a group best first
-    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
-    group_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    sorted_groups = groups[order]
+    position = torch.arange(groups.numel(), device=groups.device)
+    starts = torch.ones_like(sorted_groups, dtype=torch.bool)
+    starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    # the position where each entry's group begins (a running max, so no wait for the GPU)
+    group_start = torch.cummax(torch.where(starts, position, 0), dim=0).values
     ranks = torch.empty_like(groups)
-    ranks[order] = torch.arange(groups.numel(), device=groups.device) - group_start
+    ranks[order] = position - group_start
     return ranks
 
 
