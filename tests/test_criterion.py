@@ -474,3 +474,29 @@ def test_cuda_outputs_give_the_cpu_values():
     terms = capped(cuda_outputs, [{k: v.cuda() for k, v in t.items()} for t in targets],
                    generator=torch.Generator(device="cuda").manual_seed(0))
     assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_bfloat16_outputs_are_computed_in_float32():
+    gen = torch.Generator().manual_seed(13)
+    targets = _targets(gen, [2, 1], 3)
+    outputs = _outputs(gen, targets, layers=2, enc_tokens=6)
+    reference = _criterion()(outputs, targets)
+
+    def to_bf16(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().bfloat16().requires_grad_()
+        if isinstance(x, dict):
+            return {k: to_bf16(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [to_bf16(v) for v in x]
+        return x
+
+    low = to_bf16(outputs)
+    terms = _criterion(cls_loss="ia_bce")(low, targets)
+    _total(terms).backward()
+    for k, v in terms.items():
+        assert v.dtype == torch.float32, k
+        assert torch.isfinite(v), k
+    # bf16 inputs (8 bits of mantissa) give the float32 values to about a percent
+    torch.testing.assert_close(_total(terms), _total(reference).detach(), rtol=3e-2, atol=0)
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in _leaves(low))

@@ -263,6 +263,8 @@ class SetCriterion(nn.Module):
         Returns:
             ({"cls", "l1", "giou"} scalars, (K,) detached IoU of the K pairs).
         """
+        if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: losses in float32
+            logits, boxes = logits.float(), boxes.float()
         batch_idx, query_idx, gt_idx = self._flatten_pairs(pairs)
         labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, pairs)])
         gt_boxes = self._gather_gt_boxes(targets, pairs)
