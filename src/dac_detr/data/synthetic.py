@@ -32,7 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Bump when the generated content changes, so cached copies from older versions are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # (name, RGB): saturated, well-separated hues; the clutter is nearly grey.
 CLASSES = (
@@ -47,7 +47,7 @@ SPLIT_IDS = {"train": 0, "val": 1}
 MIN_VISIBLE_FRACTION = 0.6
 EMPTY_IMAGE_FRACTION = 0.05
 # Share of objects drawn from COCO's small / medium / large ranges (when the image allows all three).
-SIZE_MIX = {"small": 0.35, "medium": 0.5, "large": 0.15}
+SIZE_MIX = {"small": 0.25, "medium": 0.6, "large": 0.15}
 
 DEFAULTS = {"num_train": 1500, "num_val": 100, "image_size": 128, "seed": 0, "max_objects": 4}
 
