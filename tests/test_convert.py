@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import runpy
 from pathlib import Path
 
@@ -12,19 +13,18 @@ import torch
 
 from dac_detr.models import DACDETR
 from dac_detr.models.backbone import ResNetBackbone, SwinBackbone
-from dac_detr.models.swin import relative_position_index
 from dac_detr.models.convert import (
     NotAnOfficialCheckpointError,
-    convert_official_checkpoint,
     load_official,
     official_to_ours,
     ours_to_official,
     read_official_checkpoint,
 )
+from dac_detr.models.swin import relative_position_index
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REFERENCE.is_dir():  # the design documents live beside the repository
-    REFERENCE = Path("/work/shared/reference")
+# The official name/shape lists live with the design documents beside the repository
+# (../shared/reference); DAC_DETR_REFERENCE_DIR points elsewhere.
+REFERENCE = Path(os.environ.get("DAC_DETR_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +34,9 @@ def convert_cli(*args: str) -> int:
 
 
 def reference_entries(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if not (REFERENCE / name).is_file():
+        raise FileNotFoundError(f"{REFERENCE / name} is missing: set DAC_DETR_REFERENCE_DIR to the folder holding "
+                                "official_r50_state_dict.txt and official_swin_l_state_dict.txt")
     entries = {}
     for line in (REFERENCE / name).read_text().splitlines():
         if line.startswith("#") or not line.strip():
