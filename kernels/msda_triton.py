@@ -11,8 +11,12 @@ Semantics are those of the reference Deformable-DETR op (shared/KERNELS.md §1.1
 
 Layout of one program (KERNELS.md §6.4): the grid is ``(cdiv(Q, BLOCK_Q), H, B)``; a program owns
 ``BLOCK_Q`` neighbouring queries of one head of one image and works on ``[BLOCK_Q, BLOCK_D]``
-tiles, with static loops over levels and points. All coordinate and weight math runs in fp32
-(fp64 when the value is fp64); values of any float dtype are upcast on load.
+tiles. L and P are constexpr; the loop over points is unrolled, the loop over levels is a
+runtime loop on purpose: unrolling both lets the compiler hoist all L*P*4 gathers, and at L = P = 4
+ptxas (CUDA 12.9, sm_90a) then spilled ~8.7 KB per thread in the forward, while the level loop
+keeps it at ~108 registers with no spills (bf16, D = 32) and compiles 7x faster. All coordinate
+and weight math runs in fp32 (fp64 when the value is fp64); values of any float dtype are upcast
+on load.
 
 The level table (h_l, w_l, start_l) is read from a small int32 tensor at run time, and the query
 and key counts are not specialised, so a new padded image size never recompiles a kernel.
@@ -120,7 +124,7 @@ def _msda_forward_kernel(
     value_slab = value_ptr + batch * num_keys * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
 
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC_DTYPE)
-    for level in tl.static_range(NUM_LEVELS):
+    for level in range(NUM_LEVELS):  # runtime loop: bounds register pressure (module docstring)
         level_h = tl.load(level_meta_ptr + 3 * level)
         level_w = tl.load(level_meta_ptr + 3 * level + 1)
         level_start = tl.load(level_meta_ptr + 3 * level + 2)
@@ -189,7 +193,7 @@ def _msda_backward_kernel(
     grad_out = tl.load(grad_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=tile_mask, other=0.0)
     grad_out = grad_out.to(ACC_DTYPE)
 
-    for level in tl.static_range(NUM_LEVELS):
+    for level in range(NUM_LEVELS):
         level_h = tl.load(level_meta_ptr + 3 * level)
         level_w = tl.load(level_meta_ptr + 3 * level + 1)
         level_start = tl.load(level_meta_ptr + 3 * level + 2)
