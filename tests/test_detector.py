@@ -380,3 +380,33 @@ def test_cuda_matches_cpu_and_follows_the_device():
     assert out["dn_outputs"]["c"][-1]["pred_boxes"].device.type == "cuda"
     sum(v.sum() for v in _all_tensors(out)).backward()
     assert all(p.grad is not None for p in cuda_model.parameters() if p.requires_grad)
+
+
+def test_matching_queries_cannot_see_the_denoising_queries():
+    """The DN attention mask hides every DN slot (built from GT) from the matching queries: their
+    outputs are those of the same model without denoising."""
+    torch.manual_seed(0)
+    model = tiny_model(dn_number=6)
+    randomize_heads(model)
+    model.train()
+    images, mask, targets = batch(gt_counts=(3, 2))
+    with torch.no_grad():
+        with_dn = model(images, mask, targets)
+        model.dn_number = 0
+        without_dn = model(images, mask, targets)
+    assert "dn_outputs" in with_dn and "dn_outputs" not in without_dn
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(with_dn[key], without_dn[key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_dn["c_outputs"][-1][key], without_dn["c_outputs"][-1][key], atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_runs_the_c_stream_layer0_separately():
+    """With dropout the C-stream's layer-0 cross-attention/FFN draw their own dropout masks, as the
+    official code, which runs them twice; layer 0 is only identical at dropout 0."""
+    torch.manual_seed(0)
+    model = tiny_model(dropout=0.3)
+    randomize_heads(model)
+    model.train()
+    images, mask, targets = batch(gt_counts=(3, 2))
+    out = model(images, mask, targets)
+    assert not torch.equal(out["c_outputs"][0]["pred_logits"], out["aux_outputs"][0]["pred_logits"])
