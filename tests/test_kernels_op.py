@@ -93,6 +93,29 @@ def test_compile_fullgraph_sees_one_op_each_way():
     torch._dynamo.reset()
 
 
+def test_compile_dynamic_shapes_follow_a_new_padded_size():
+    """With dynamic shapes, a new padded image size (other S, Q and level sizes) reuses the
+    symbolic graph: the fake implementation must handle symbolic sizes."""
+    torch._dynamo.reset()
+    compiled = torch.compile(ms_deform_attn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shapes, Q in (([(4, 5), (2, 3)], 6), ([(6, 7), (3, 4)], 11)):
+        g = torch.Generator().manual_seed(Q)
+        S = sum(h * w for h, w in shapes)
+        value = torch.randn(2, S, 2, 4, generator=g, requires_grad=True)
+        loc = torch.rand(2, Q, 2, 2, 2, 2, generator=g, requires_grad=True)
+        weights = torch.rand(2, Q, 2, 2, 2, generator=g, requires_grad=True)
+        spatial_shapes = torch.tensor(shapes)
+        level_start_index = torch.tensor([0, shapes[0][0] * shapes[0][1]])
+        inputs = (value, spatial_shapes, level_start_index, loc, weights)
+        grad_out = torch.randn(2, Q, 8, generator=g)
+        out, grads = grads_of(compiled, inputs, grad_out)
+        want_out, want_grads = grads_of(ms_deform_attn_torch, inputs, grad_out)
+        torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_only_requested_gradients_are_returned():
     value, spatial_shapes, level_start_index, loc, weights = make_inputs()
     value.requires_grad_(False)
