@@ -4,6 +4,10 @@
 ``torch.ops.dac_detr.ms_deform_attn`` (one node for autograd, ``torch.compile`` and CUDA graphs):
 CUDA tensors run the Triton kernels of ``msda_triton``, CPU tensors the pure-PyTorch path of
 ``msda_torch``; ``DAC_DETR_MSDA={auto,triton,torch}`` overrides the choice (see ``ops``).
+
+The Triton backward accumulates ``grad_value`` with fp32 atomic adds, so its last bits vary from
+run to run; under ``torch.use_deterministic_algorithms(True)`` it raises (``warn_only=True``:
+warns), like PyTorch's own nondeterministic ops. The CPU path is deterministic.
 """
 
 from __future__ import annotations
