@@ -51,3 +51,27 @@ def test_bench_train_step_cpu_smoke(tmp_path):
     for variant in data["variants"].values():
         assert variant["step_ms_median"] > 0
     assert "torch/dac_on" in result.stdout
+
+
+def test_roofline_bytes_and_location_sets_at_the_real_shapes():
+    """The benchmark's compulsory-traffic formula reproduces KERNELS.md §3.3 (encoder and decoder,
+    B = 2, bf16 value: forward 114 / 27 MB, backward with zero-fill and cast 341 / 190 MB), and
+    every location set is built at the real shapes with its share of samples off the maps."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_msda
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    expected = {"encoder": (114, 341), "decoder": (27, 190)}
+    for call, (fwd_mb, bwd_mb) in expected.items():
+        for dist in ("train", "uniform", "concentrated"):
+            case = bench_msda.make_case(call, "bf16", dist, 2, bench_msda.ENCODER_LEVELS, bench_msda.DECODER_QUERIES,
+                                        torch.device("cpu"))  # fmt: skip
+            assert case.loc.shape == (2, 22223 if call == "encoder" else 1100, 8, 4, 4, 2)
+            off_map = ((case.loc < 0) | (case.loc > 1)).any(-1).float().mean().item()
+            assert 0.005 < off_map < 0.2, (call, dist, off_map)
+            torch.testing.assert_close(case.weights.sum((-1, -2)), torch.ones(case.weights.shape[:3]))
+        nbytes = bench_msda.compulsory_bytes(case)
+        assert round(nbytes["fwd"] / 1e6) == fwd_mb and round(nbytes["bwd"] / 1e6) == bwd_mb, nbytes
