@@ -206,10 +206,12 @@ class _StreamState:
     def advance(self, box_head: nn.Module, box_refine: bool, look_forward_twice: bool,
                 hidden_out: list[Tensor], boxes_out: list[Tensor]) -> None:
         delta = box_head(self.hidden)
+        box = refine_boxes(delta, self.prediction_base)
         hidden_out.append(self.hidden)
-        boxes_out.append(refine_boxes(delta, self.prediction_base))
+        boxes_out.append(box)
         if box_refine:
-            new_reference = refine_boxes(delta, self.reference)
+            # same tensor (layer 0, or no look-forward-twice): same value and same gradient path
+            new_reference = box if self.prediction_base is self.reference else refine_boxes(delta, self.reference)
             self.reference = new_reference.detach()
             self.prediction_base = new_reference if look_forward_twice else self.reference
 
