@@ -179,7 +179,10 @@ def _msda_backward_kernel(
 
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < num_queries
-    d = tl.arange(0, BLOCK_D)
+    # Four contiguous elements per thread along D: the layout Triton gives the fp32 grad_value
+    # atomics (v4.f32). With 2-byte values the loads would otherwise take 8 per thread and every
+    # corner's scatter tile would cross a shared-memory layout conversion (2 barriers each).
+    d = tl.max_contiguous(tl.arange(0, BLOCK_D), 4)
     d_mask = d < HEAD_DIM
     tile_mask = q_mask[:, None] & d_mask[None, :]
 
