@@ -112,19 +112,20 @@ class CocoEvaluator:
 
     def _gather(self) -> dict[int, np.ndarray]:
         """All processes' detections, once per image (the first rank that saw an image wins)."""
-        if self._gathered is None:
-            rank, world = _dist_world()
-            if world == 1:
-                self._gathered = dict(self._per_image)
-            else:
-                parts: list = [None] * world
-                torch.distributed.all_gather_object(parts, self._per_image)
-                merged: dict[int, np.ndarray] = {}
-                for part in parts:
-                    for image_id, rows in part.items():
-                        merged.setdefault(image_id, rows)
-                self._gathered = merged
-        return self._gathered
+        if self._gathered is not None:
+            return self._gathered
+        world = _dist_world()[1]
+        if world == 1:
+            self._gathered = dict(self._per_image)
+            return self._gathered
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, self._per_image)
+        merged: dict[int, np.ndarray] = {}
+        for part in parts:
+            for image_id, rows in part.items():
+                merged.setdefault(image_id, rows)
+        self._gathered = merged
+        return merged
 
     @staticmethod
     def _as_results(per_image: dict[int, np.ndarray]) -> list[dict]:
