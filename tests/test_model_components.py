@@ -146,6 +146,9 @@ def test_cdn_label_noise_rate_groups_and_edge_cases():
                              label_enc, 10, 5, 100, 0.5, 0.4) is None
     assert build_cdn_queries(targets, label_enc, 10, 5, 0, 0.5, 0.4) is None
     assert build_cdn_queries(targets, label_enc, 10, 5, 3, 0.5, 0.4).num_groups == 1  # budget < S: one group
+    with pytest.raises(ValueError, match="generator is on 'cpu' but the model is on 'meta'"):
+        build_cdn_queries(targets, nn.Embedding(11, 8, device="meta"), 10, 5, 100, 0.5, 0.4,
+                          generator=torch.Generator())
 
 
 def test_refine_boxes_with_points_and_boxes():

@@ -57,6 +57,9 @@ def build_cdn_queries(
     if dn_number <= 0 or single_pad == 0:
         return None
     device = label_enc.weight.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the denoising generator is on '{generator.device}' but the model is on '{device}'; "
+                         "create it with torch.Generator(device=images.device)")
     num_groups = max(1, dn_number // single_pad)
     pad_size = 2 * single_pad * num_groups
     batch_size = len(targets)
