@@ -17,11 +17,9 @@ loop needs on top:
 from __future__ import annotations
 
 import math
-import random
 from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -102,7 +100,6 @@ class DACDETRModule(L.LightningModule):
         self.evaluator = None
         self.last_val_metrics: dict[str, Any] = {}
         self._val_images: list[dict[str, Any]] = []
-        self._first_train_epoch = True
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -121,27 +118,6 @@ class DACDETRModule(L.LightningModule):
         generator = torch.Generator(device=device)
         generator.manual_seed(step_seed)
         return generator
-
-    def _seed_epoch(self, epoch: int) -> None:
-        # The shuffle order of a non-distributed sampler and the workers' augmentation seeds are
-        # drawn from the global RNGs when the epoch's iterator is created. Seeding them from
-        # (seed, epoch, rank) makes epoch e see the same data whether or not the run was resumed.
-        epoch_seed = (self.seed + 1_000_003 * (epoch + 1) + self.global_rank) % (2**32)
-        random.seed(epoch_seed)
-        np.random.seed(epoch_seed)
-        torch.manual_seed(epoch_seed)
-
-    def on_train_start(self) -> None:
-        # The first epoch's iterator (fresh or resumed) is created after this hook.
-        self._seed_epoch(self.current_epoch)
-        self._first_train_epoch = True
-
-    def on_train_epoch_start(self) -> None:
-        # Later epochs create their iterator after this hook.
-        if self._first_train_epoch:
-            self._first_train_epoch = False
-            return
-        self._seed_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor, list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
@@ -247,7 +223,7 @@ class DACDETRModule(L.LightningModule):
             if self.print_table:
                 fitting = self.trainer.state.fn == "fit"
                 title = f"COCO bbox evaluation (epoch {self.current_epoch})" if fitting else "COCO bbox evaluation"
-                print("\n" + format_coco_table(metrics, qpo, title=title), flush=True)
+                print("\n" + format_coco_table(metrics, qpo, title=title, summary=self.evaluator.summary), flush=True)
             self._log_wandb_media(per_class)
 
     # ------------------------------------------------------------------ prediction

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .utils.checkpoint_io import AtomicCheckpointIO
 from .utils.config_checks import ConfigError, check_config
+from .utils.data_order import make_train_order_reproducible
 from .utils.instantiate import build_callbacks, build_datamodule, build_loggers, build_module
 from .utils.resume import find_last_checkpoint, read_checkpoint_metadata
 from .utils.task import task_wrapper
@@ -91,10 +92,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     ckpt_path = resolve_checkpoint(cfg)
     metadata = read_checkpoint_metadata(ckpt_path) if ckpt_path else {}
-    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints" and cfg.callbacks.get("model_checkpoint"):
+    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         # Keep writing next to the resumed checkpoints, so the best-model tracking carries on.
         with open_dict(cfg):
-            cfg.callbacks.model_checkpoint.dirpath = str(Path(ckpt_path).parent)
+            for node in (cfg.get("callbacks") or {}).values():
+                if node is not None and str(node.get("_target_", "")).endswith("ModelCheckpoint"):
+                    node.dirpath = str(Path(ckpt_path).parent)
 
     log.info("Data: %s", cfg.data._target_)
     datamodule = build_datamodule(cfg, "fit")
@@ -102,9 +105,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule.num_classes, training=True)
     module.run_metadata = run_metadata(cfg, datamodule)
 
-    callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg, metadata.get("wandb_run_id"), _job_info(cfg))
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    if trainer.world_size == 1:
+        # Under DDP, Lightning's DistributedSampler already orders the data by (seed, epoch).
+        make_train_order_reproducible(datamodule, cfg.seed if cfg.get("seed") is not None else 0)
     for logger in loggers:
         logger.log_hyperparams(module.run_metadata["config"])
 

@@ -6,15 +6,15 @@ import math
 from typing import Any, Mapping, Optional
 
 _ROWS = (
-    ("mAP", "Average Precision", "(AP)", "0.50:0.95", "all", 100),
-    ("mAP_50", "Average Precision", "(AP)", "0.50     ", "all", 100),
-    ("mAP_75", "Average Precision", "(AP)", "0.75     ", "all", 100),
-    ("mAP_s", "Average Precision", "(AP)", "0.50:0.95", "small", 100),
-    ("mAP_m", "Average Precision", "(AP)", "0.50:0.95", "medium", 100),
-    ("mAP_l", "Average Precision", "(AP)", "0.50:0.95", "large", 100),
-    ("AR_1", "Average Recall   ", "(AR)", "0.50:0.95", "all", 1),
-    ("AR_10", "Average Recall   ", "(AR)", "0.50:0.95", "all", 10),
-    ("AR_100", "Average Recall   ", "(AR)", "0.50:0.95", "all", 100),
+    ("mAP", "Average Precision ", "(AP)", "0.50:0.95", "all", 100),
+    ("mAP_50", "Average Precision ", "(AP)", "0.50     ", "all", 100),
+    ("mAP_75", "Average Precision ", "(AP)", "0.75     ", "all", 100),
+    ("mAP_s", "Average Precision ", "(AP)", "0.50:0.95", "small", 100),
+    ("mAP_m", "Average Precision ", "(AP)", "0.50:0.95", "medium", 100),
+    ("mAP_l", "Average Precision ", "(AP)", "0.50:0.95", "large", 100),
+    ("AR_1", "Average Recall    ", "(AR)", "0.50:0.95", "all", 1),
+    ("AR_10", "Average Recall    ", "(AR)", "0.50:0.95", "all", 10),
+    ("AR_100", "Average Recall    ", "(AR)", "0.50:0.95", "all", 100),
 )
 
 
@@ -29,12 +29,22 @@ def format_coco_table(
     queries_per_object: Optional[Mapping[float, float]] = None,
     title: str = "COCO bbox evaluation",
     columns: int = 3,
+    summary: str = "",
 ) -> str:
-    """The 9-line COCO summary, the per-class AP (skipping "N/A" classes) and queries per object."""
+    """The COCO summary, the per-class AP (skipping "N/A" classes) and the queries per object.
+
+    ``summary`` is COCOeval's own 12-line summary (``CocoEvaluator.summary``); without it the 9
+    metrics of ``metrics`` are written in the same layout.
+    """
     lines = [title, "-" * len(title)]
-    for key, kind, short, iou, area, max_dets in _ROWS:
-        if key in metrics:
-            lines.append(f" {kind} {short} @[ IoU={iou} | area={area:>6s} | maxDets={max_dets:>3d} ] = {_fmt(metrics[key])}")
+    if summary:
+        lines.extend(summary.splitlines())
+    else:
+        for key, kind, short, iou, area, max_dets in _ROWS:
+            if key in metrics:
+                lines.append(
+                    f" {kind} {short} @[ IoU={iou} | area={area:>6s} | maxDets={max_dets:>3d} ] = {_fmt(metrics[key])}"
+                )
     per_class = {k: v for k, v in (metrics.get("per_class") or {}).items() if k != "N/A"}
     if per_class:
         lines.append("")

@@ -46,14 +46,19 @@ def build_module(cfg: DictConfig, num_classes: int, training: bool = True):
     )
 
 
-def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """Every ``_target_`` entry of ``callbacks`` (null entries are skipped), plus EMA when on."""
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[Callback]:
+    """Every ``_target_`` entry of ``callbacks`` (null entries are skipped), plus EMA when on.
+
+    Without a logger (``logger=none``) the learning-rate monitor has nowhere to write and is left out.
+    """
     callbacks: list[Callback] = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ValueError(f"callbacks.{name} needs a `_target_` (got {OmegaConf.to_yaml(node)!r}).")
+        if not has_logger and node._target_.endswith("LearningRateMonitor"):
+            continue
         callbacks.append(instantiate(node))
     ema = cfg.get("ema")
     if ema is not None and ema.get("enabled"):

@@ -1,0 +1,132 @@
+"""Every config composes with the real Hydra and holds the official numbers (SPEC §0, §5.1)."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from dac_detr.utils.config_checks import ConfigError, check_config
+from test_train_helpers import COCO_EXPERIMENTS, EXPERIMENTS, compose_train, run_cli
+
+
+def test_all_experiments_are_there():
+    bases = ["r50_12ep", "r50_24ep", "swin_l", "swin_l_24ep"]
+    expected = {"quickstart", *bases, *(f"{b}_baseline" for b in bases), *(f"{b}_dac_cdn" for b in bases)}
+    assert expected <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_resolves(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], output_dir=tmp_path)
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert container["task_name"] == experiment
+    check_config(cfg)
+    assert cfg.model.dac_enabled == cfg.dac.enabled
+    assert cfg.trainer.gradient_clip_val == 0.1
+    assert cfg.optimizer.lr == 2e-4 and cfg.module.lr_backbone == 2e-5 and cfg.module.lr_linear_proj_mult == 0.1
+
+
+def test_quickstart_is_the_default(tmp_path):
+    cfg = compose_train([], output_dir=tmp_path)
+    assert cfg.task_name == "quickstart"
+    assert cfg.data._target_.endswith("SyntheticCocoDataModule")
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.model.hidden_dim < 256  # the tiny model
+    assert "progress_bar" in cfg.callbacks
+
+
+@pytest.mark.parametrize("experiment", COCO_EXPERIMENTS)
+def test_coco_experiments_follow_the_official_recipe(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], output_dir=tmp_path)
+    epochs = 24 if "24ep" in experiment else 12
+    assert cfg.trainer.max_epochs == epochs
+    assert cfg.scheduler.step_size == (20 if epochs == 24 else 11)
+    assert cfg.trainer.devices * cfg.data.batch_size == 16  # 8 GPUs x 2 images
+    assert cfg.data._target_.endswith("CocoDataModule") and "Synthetic" not in cfg.data._target_
+    assert cfg.model.num_queries == 900 and cfg.model.hidden_dim == 256
+    assert cfg.postprocess.method == "nms" and cfg.postprocess.nms_iou == 0.8
+    assert "wandb" in cfg.logger
+    assert cfg.dac.enabled == (not experiment.endswith("_baseline"))
+    assert cfg.loss.cls_loss == ("focal" if experiment.endswith("_dac_cdn") else "ia_bce")
+    is_swin = experiment.startswith("swin_l")
+    assert ("wap" in cfg.backbone._target_.lower() or "swin" in cfg.backbone._target_.lower()) == is_swin
+    if experiment.startswith("swin_l_24ep"):
+        assert cfg.optimizer.weight_decay == 0.05 and cfg.backbone.drop_path_rate == 0.5
+    else:
+        assert cfg.optimizer.weight_decay == 1e-4
+    if experiment.startswith("swin_l") and not experiment.startswith("swin_l_24ep"):
+        assert cfg.backbone.drop_path_rate == 0.2
+
+
+def test_official_dac_defaults(tmp_path):
+    cfg = compose_train(["experiment=r50_12ep"], output_dir=tmp_path)
+    o2m = cfg.dac.o2m
+    assert list(o2m.score_weights) == [0.3, 0.7]
+    assert (o2m.threshold, o2m.topk, o2m.max_positives, o2m.rank_tau) == (0.4, 6, 75, 1.5)
+    assert o2m.box_source == "o_decoder" and o2m.low_quality_matches is True
+    assert abs(o2m.loss_scale - 1 / 3) < 1e-12
+    assert cfg.dac.c_decoder.share_layer0_self_attn is True
+
+
+@pytest.mark.parametrize("name", ["default", "fdr", "limit", "overfit", "profiler"])
+def test_debug_modes_compose(name, tmp_path):
+    cfg = compose_train([f"debug={name}"], output_dir=tmp_path)
+    assert cfg.data.num_workers == 0 and cfg.logger == {}
+
+
+@pytest.mark.parametrize("choice", ["trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=ddp_sim", "logger=wandb",
+                                    "logger=csv", "logger=none", "callbacks=none", "postprocess=topk", "dac=off",
+                                    "loss=focal", "model=dac_detr", "backbone=r50", "ema.enabled=true"])
+def test_group_choices_compose(choice, tmp_path):
+    cfg = compose_train([choice], output_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_hparams_search_and_slurm_launcher_compose():
+    cfg = compose_train(["hparams_search=dac_o2m", "hydra/launcher=slurm"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper")
+    assert sweeper.storage.startswith("sqlite:///") and sweeper.direction == "maximize"
+    assert set(sweeper.params) >= {"dac.o2m.threshold", "dac.o2m.topk"}
+    assert cfg.optimized_metric == "val/mAP"
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.mode.name == "MULTIRUN" or str(cfg.hydra.mode).endswith("MULTIRUN")
+
+
+@pytest.mark.parametrize("name", ["eval", "predict", "export"])
+def test_entry_point_configs_compose(name):
+    overrides = {"eval": ["ckpt=x.ckpt"], "predict": ["ckpt=x.ckpt", "images=in", "out=out"], "export": ["ckpt=x.ckpt"]}
+    cfg = compose_train(overrides[name], config_name=name)
+    assert cfg.ckpt == "x.ckpt"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dac.o2m.topk=abc", "dac.o2m.topk"),
+        ("dac.o2m.threshold=1.5", "dac.o2m.threshold"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("trainer.precision=bf17", "trainer.precision"),
+        ("dac.o2m.score_weights=[0.3]", "dac.o2m.score_weights"),
+    ],
+)
+def test_wrong_types_give_a_clear_error(override, message, tmp_path):
+    cfg = compose_train([override], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["experiment=does_not_exist"], "Could not find 'experiment/does_not_exist'"),
+        (["no_such_key=1"], "Could not override 'no_such_key'"),
+        (["dac.o2m.topk=abc"], "Config key `dac.o2m.topk` is 'abc'"),
+    ],
+)
+def test_bad_override_on_the_cli_ends_with_a_clear_message(args, expected, tmp_path):
+    result = run_cli("dac_detr.train", [*args, f"paths.log_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert expected in output, output[-3000:]
+    assert "site-packages" not in output  # no deep traceback from inside libraries

@@ -1,0 +1,37 @@
+"""Hydra multirun through the real CLI: one job per setting, one W&B run per job, grouped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from test_train_helpers import run_cli, short_run_overrides, tiny_data_overrides, wandb_run_contents
+
+
+def test_multirun_cli_two_jobs_with_wandb_offline(tmp_path_factory, tmp_path):
+    data_root = tmp_path_factory.mktemp("synthetic")
+    args = ["-m", "dac.o2m.topk=4,6", *tiny_data_overrides(data_root), *short_run_overrides(tmp_path),
+            "logger=wandb", "module.num_log_images=2"]
+    result = run_cli("dac_detr.train", args, cwd=tmp_path, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") >= 2  # a COCO table per job
+    assert "wandb sync" in output  # offline: says how to upload
+
+    (sweep,) = (tmp_path / "quickstart" / "multiruns").iterdir()
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
+    assert [yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())[0] for d in jobs] == [
+        "dac.o2m.topk=4", "dac.o2m.topk=6"]
+    runs = [wandb_run_contents(next((d / "wandb").glob("offline-run-*"))) for d in jobs]
+    assert len({r["run_id"] for r in runs}) == 2  # one W&B run per job ...
+    assert len({r["group"] for r in runs}) == 1 and runs[0]["group"].startswith("quickstart/")  # ... in one group
+    for run in runs:
+        assert run["exit"]  # finished cleanly (wandb.finish per job)
+        expected = {"train/loss_step", "train/loss_o2o", "train/loss_o2m", "train/loss_o2o_cls_0", "train/loss_enc_cls",
+                    "val/mAP", "val/mAP_50", "val/mAP_75", "val/AR_100", "val/queries_per_object@0.6",
+                    "lr-AdamW/backbone", "lr-AdamW/rest"}
+        assert expected <= run["history"], sorted(expected - run["history"])
+        # media are logged as nested entries: the per-class AP table and validation images with boxes
+        assert {"val/per_class_AP/_type", "val/examples/_type", "val/examples/all_boxes"} <= run["history"]
+        assert {"dac", "model", "data", "optimizer"} <= run["config"]  # the resolved Hydra config
