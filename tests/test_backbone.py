@@ -15,7 +15,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from dac_detr.models.backbone import PretrainedWeightsUnavailable, ResNetBackbone
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path("/work/shared/reference")
+# Copies of shared/reference (the official state-dict names and shapes), kept with the tests.
+REFERENCE = Path(__file__).parent / "data" / "reference"
 
 
 def official_entries(file_name: str, prefix: str = "backbone.0.body.") -> list[tuple[str, tuple[int, ...]]]:

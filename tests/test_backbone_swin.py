@@ -22,7 +22,8 @@ from dac_detr.models.backbone import (
 from dac_detr.models.swin import relative_position_index
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path("/work/shared/reference")
+# Copies of shared/reference (the official state-dict names and shapes), kept with the tests.
+REFERENCE = Path(__file__).parent / "data" / "reference"
 TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7, pretrain_img_size=224)
 
 

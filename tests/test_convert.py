@@ -22,9 +22,9 @@ from dac_detr.models.convert import (
 )
 from dac_detr.models.swin import relative_position_index
 
-# The official name/shape lists live with the design documents beside the repository
-# (../shared/reference); DAC_DETR_REFERENCE_DIR points elsewhere.
-REFERENCE = Path(os.environ.get("DAC_DETR_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+# Copies of the official name/shape lists (shared/reference) are kept with the tests;
+# DAC_DETR_REFERENCE_DIR points elsewhere.
+REFERENCE = Path(os.environ.get("DAC_DETR_REFERENCE_DIR", Path(__file__).parent / "data" / "reference"))
 REPO = Path(__file__).resolve().parents[1]
 
 
