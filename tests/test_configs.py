@@ -22,8 +22,9 @@ def test_experiment_composes_and_resolves(experiment, tmp_path):
     assert container["task_name"] == experiment
     check_config(cfg)
     assert cfg.model.dac_enabled == cfg.dac.enabled
-    assert cfg.trainer.gradient_clip_val == 0.1
-    assert cfg.optimizer.lr == 2e-4 and cfg.module.lr_backbone == 2e-5 and cfg.module.lr_linear_proj_mult == 0.1
+    assert cfg.trainer.gradient_clip_val == 0.1 and cfg.module.lr_linear_proj_mult == 0.1
+    if experiment != "quickstart":  # the quickstart trains its backbone from scratch at a higher lr
+        assert cfg.optimizer.lr == 2e-4 and cfg.module.lr_backbone == 2e-5
 
 
 def test_quickstart_is_the_default(tmp_path):
