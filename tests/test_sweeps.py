@@ -35,3 +35,19 @@ def test_multirun_cli_two_jobs_with_wandb_offline(tmp_path_factory, tmp_path):
         # media are logged as nested entries: the per-class AP table and validation images with boxes
         assert {"val/per_class_AP/_type", "val/examples/_type", "val/examples/all_boxes"} <= run["history"]
         assert {"dac", "model", "data", "optimizer"} <= run["config"]  # the resolved Hydra config
+
+
+def test_optuna_search_over_the_one_to_many_settings(tmp_path_factory, tmp_path):
+    """hparams_search=dac_o2m: two Optuna trials; the sweeper reads val/mAP returned by main()."""
+    data_root = tmp_path_factory.mktemp("synthetic")
+    args = ["-m", "hparams_search=dac_o2m", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
+            *tiny_data_overrides(data_root), *short_run_overrides(tmp_path)]
+    result = run_cli("dac_detr.train", args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (sweep,) = (tmp_path / "quickstart" / "multiruns").iterdir()
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"dac.o2m.threshold", "dac.o2m.topk", "dac.o2m.max_positives",
+                                        "dac.o2m.rank_tau", "dac.o2m.loss_scale"}
+    assert 0.0 <= best["best_value"] <= 1.0
+    trial_overrides = [yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) for d in sorted(sweep.iterdir()) if d.is_dir()]
+    assert len(trial_overrides) == 2 and all(any(o.startswith("dac.o2m.topk=") for o in t) for t in trial_overrides)
