@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from test_train_helpers import run_cli, short_run_overrides, tiny_data_overrides, wandb_run_contents
@@ -35,6 +36,10 @@ def test_multirun_cli_two_jobs_with_wandb_offline(tmp_path_factory, tmp_path):
         # media are logged as nested entries: the per-class AP table and validation images with boxes
         assert {"val/per_class_AP/_type", "val/examples/_type", "val/examples/all_boxes"} <= run["history"]
         assert {"dac", "model", "data", "optimizer"} <= run["config"]  # the resolved Hydra config
+    # each job's checkpoint remembers its W&B run, so `ckpt_path=last` continues that run
+    for job, run in zip(jobs, runs):
+        checkpoint = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert checkpoint["dac_detr"]["wandb_run_id"] == run["run_id"]
 
 
 def test_optuna_search_over_the_one_to_many_settings(tmp_path_factory, tmp_path):

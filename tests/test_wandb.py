@@ -63,3 +63,18 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
 
     assert torch.load(target, weights_only=False) == {"a": 1}  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+def test_resumed_run_reuses_the_wandb_run_id(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from dac_detr.utils.instantiate import build_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = OmegaConf.create({"logger": {"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "p",
+                                                 "name": None, "group": None, "save_dir": str(tmp_path),
+                                                 "offline": False, "id": None}}})
+    (logger,) = build_loggers(cfg, wandb_run_id="abc123", job={"name": "job", "group": "grp"})
+    assert logger.version == "abc123"
+    assert logger._wandb_init["resume"] == "allow" and logger._wandb_init["group"] == "grp"
+    assert logger._offline is True
