@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from dac_detr.train import train
 from dac_detr.utils.checkpoint import detector_state_dict

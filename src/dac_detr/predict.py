@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from .module import IMAGENET_MEAN, IMAGENET_STD

@@ -9,7 +9,6 @@ Resume a killed run with the same command plus `ckpt_path=last` (or `resume=true
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 

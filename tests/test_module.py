@@ -1,0 +1,15 @@
+"""DACDETRModule under bf16 autocast on the CPU (precision=bf16-mixed)."""
+
+from __future__ import annotations
+
+import math
+
+from dac_detr.train import train
+from test_train_helpers import compose_train, short_run_overrides, tiny_data_overrides
+
+
+def test_bf16_mixed_training_and_validation_step(tmp_path):
+    cfg = compose_train([*tiny_data_overrides(tmp_path / "data"), *short_run_overrides(tmp_path),
+                         "trainer.precision=bf16-mixed"], output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    assert math.isfinite(metrics["train/loss"]) and 0.0 <= metrics["val/mAP"] <= 1.0
