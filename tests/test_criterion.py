@@ -244,8 +244,9 @@ def test_box_source_option():
 
 
 def test_same_class_gts_sharing_a_query():
-    """SPEC §7 item 3: q0 is the top query of both GTs (same class): the IA-BCE target of
-    (q0, class 0) is the larger of the two, and both pairs' box terms count."""
+    """SPEC §7 item 3: q0 is the top query of both GTs (same class). The IA-BCE target of
+    (q0, class 0) is, by default (official), the later GT's; with duplicate_target="max" the
+    larger of the two. Both pairs' box terms count either way."""
     a, b = [0.5, 0.5, 0.4, 0.4], [0.55, 0.5, 0.4, 0.4]
     boxes = [[0.52, 0.5, 0.4, 0.4], [0.6, 0.5, 0.4, 0.4], [0.1, 0.1, 0.05, 0.05]]
     dt = torch.float64
@@ -258,21 +259,29 @@ def test_same_class_gts_sharing_a_query():
     targets = [{"labels": torch.tensor([0, 0]), "boxes": torch.tensor([a, b], dtype=dt)}]
     pairs = OneToManyAssigner()(logits[0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"])
     assert pairs[0].tolist() == [0, 0] and pairs[1].tolist() == [0, 1]
-    terms = _criterion(classes=2)(outputs, targets)
     normaliser = 6.0  # N = 2 GTs, / (1/3)
     iou_a, giou_a = _iou(boxes[0], a)
     iou_b, giou_b = _iou(boxes[0], b)
     p = _sig(1.0)
     t_a, t_b = p ** 0.25 * iou_a ** 0.75, p ** 0.25 * iou_b ** 0.75  # one query per GT group: w = 1
-    assert t_a > t_b  # GT b comes last: "last write wins" would give t_b
-    t = t_a
+    assert t_a > t_b  # GT b comes last: "last" gives t_b, "max" gives t_a
+    cls_last = _ia_bce_dense(logits, {(0, 0, 0): t_b}) / normaliser
+    cls_max = _ia_bce_dense(logits, {(0, 0, 0): t_a}) / normaliser
+    assert cls_last != pytest.approx(cls_max, rel=1e-6)  # the choice matters in this scene
     l1 = sum(abs(x - y) for x, y in zip(boxes[0], a)) + sum(abs(x - y) for x, y in zip(boxes[0], b))
-    assert terms["loss_o2m_cls_0"].item() == pytest.approx(_ia_bce_dense(logits, {(0, 0, 0): t}) / normaliser,
-                                                           rel=1e-10)
-    assert terms["loss_o2m_l1_0"].item() == pytest.approx(5 * l1 / normaliser, rel=1e-10)
-    assert terms["loss_o2m_giou_0"].item() == pytest.approx(2 * ((1 - giou_a) + (1 - giou_b)) / normaliser,
-                                                            rel=1e-10)
-    assert terms["stat_o2m_pos_per_gt_0"].item() == 1.0
+    default = _criterion(classes=2)(outputs, targets)
+    for terms, cls in ((default, cls_last), (_criterion(classes=2, duplicate_target="last")(outputs, targets), cls_last),
+                       (_criterion(classes=2, duplicate_target="max")(outputs, targets), cls_max)):
+        assert terms["loss_o2m_cls_0"].item() == pytest.approx(cls, rel=1e-10)
+        assert terms["loss_o2m_l1_0"].item() == pytest.approx(5 * l1 / normaliser, rel=1e-10)
+        assert terms["loss_o2m_giou_0"].item() == pytest.approx(2 * ((1 - giou_a) + (1 - giou_b)) / normaliser,
+                                                                rel=1e-10)
+        assert terms["stat_o2m_pos_per_gt_0"].item() == 1.0
+    # the focal loss ignores the option: its duplicate targets are all 1
+    focal_last = _criterion(classes=2, cls_loss="focal")(outputs, targets)
+    focal_max = _criterion(classes=2, cls_loss="focal", duplicate_target="max")(outputs, targets)
+    for k in focal_last:
+        torch.testing.assert_close(focal_last[k], focal_max[k], rtol=0, atol=0)
 
 
 def test_denoising_pairing_and_normaliser():
@@ -442,6 +451,8 @@ def test_bad_input_gives_clear_errors():
         _criterion(weights={"bbox": 5})
     with pytest.raises(ValueError, match="o2m_box_source"):
         _criterion(o2m_box_source="both")
+    with pytest.raises(ValueError, match="duplicate_target must be one of"):
+        _criterion(duplicate_target="first")
 
 
 # ---------------------------------------------------------------------------------------------

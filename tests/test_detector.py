@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dac_detr.boxes import inverse_sigmoid
 from dac_detr.models import DACDETR
 
 NUM_CLASSES = 7
@@ -282,6 +283,41 @@ def test_dn_noise_follows_the_generator():
             for s in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("two_stage", [True, False])
+def test_float64_model_keeps_float64_dn_box_references(two_stage, monkeypatch):
+    """Without noise, a float64 model's DN box logits are inverse_sigmoid of the GT boxes and
+    its DN references the GT boxes (centres without two-stage), both to float64 precision."""
+    model = tiny_model(two_stage=two_stage, dn_box_noise_scale=0.0, dn_label_noise_ratio=0.0).double().train()
+    images, mask, targets = batch(gt_counts=(3, 2))
+    targets = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in targets]
+    seen = {}
+    initial_queries = model.transformer.initial_queries
+
+    def spy(*args):
+        seen["dn_box_logits"] = args[-1]
+        result = initial_queries(*args)
+        seen["reference"] = result[2]
+        return result
+
+    monkeypatch.setattr(model.transformer, "initial_queries", spy)
+    out = model(images.double(), mask, targets)
+    dn_box_logits, reference = seen["dn_box_logits"], seen["reference"]
+    assert dn_box_logits.dtype == reference.dtype == out["dn_outputs"]["o"][0]["pred_boxes"].dtype == torch.float64
+    S, G = out["dn_meta"]["single_pad"], out["dn_meta"]["num_groups"]
+    assert (S, G) == (3, 2)
+    coords = 4 if two_stage else 2  # without two-stage a DN query's reference is its box centre
+    for b, t in enumerate(targets):
+        n = len(t["labels"])
+        for k in range(G):
+            for slot in (2 * k * S, 2 * k * S + S):  # no noise: positives and negatives are the GT
+                torch.testing.assert_close(dn_box_logits[b, slot:slot + n], inverse_sigmoid(t["boxes"]),
+                                           rtol=0, atol=1e-12)
+                torch.testing.assert_close(reference[b, slot:slot + n, :coords], t["boxes"][:, :coords],
+                                           rtol=0, atol=1e-12)
+    # a float32 round trip would miss the GT boxes by far more than 1e-12
+    assert (inverse_sigmoid(targets[0]["boxes"].float()).double().sigmoid() - targets[0]["boxes"]).abs().max() > 1e-9
 
 
 def test_clear_errors_on_bad_input():

@@ -70,24 +70,58 @@ def test_ia_bce_gradient_matches_the_dense_formula():
     torch.testing.assert_close(logits.grad, dense.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_ia_bce_duplicate_entry_takes_the_larger_target():
+def test_ia_bce_duplicate_entry_takes_the_last_target_by_default_or_the_larger():
+    """An entry named by two positives: "last" (default, official ``pos_weights[idx] = t``) keeps
+    the later positive's target, "max" the larger one; both give one positive term per entry."""
     logits = torch.tensor([[[0.3, -1.0], [2.0, 0.5]]], dtype=torch.float64)
     idx_dup = (torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0, 0]))
     idx_one = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
-    for targets in ([0.3, 0.6], [0.6, 0.3]):  # order does not matter
-        a = logits.clone().requires_grad_()
-        b = logits.clone().requires_grad_()
-        dup = ia_bce_loss(a, idx_dup, torch.tensor(targets, dtype=torch.float64))
-        one = ia_bce_loss(b, idx_one, torch.tensor([0.6], dtype=torch.float64))
-        assert dup.item() == pytest.approx(one.item(), rel=1e-14)
-        dup.backward()
-        one.backward()
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-14, atol=1e-14)
-    # and among other positives, in any position
-    idx = (torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 1, 0]), torch.tensor([1, 0, 0, 0]))
-    got = ia_bce_loss(logits, idx, torch.tensor([0.2, 0.1, 0.7, 0.4], dtype=torch.float64))
-    assert got.item() == pytest.approx(_ia_bce_direct(logits, {(0, 0, 1): 0.2, (0, 1, 0): 0.7, (0, 0, 0): 0.4}),
-                                       rel=1e-12)
+    for targets, last, larger in (([0.3, 0.6], 0.6, 0.6), ([0.6, 0.3], 0.3, 0.6)):
+        for mode, expected in (("last", last), ("max", larger)):
+            a = logits.clone().requires_grad_()
+            b = logits.clone().requires_grad_()
+            kwargs = {} if mode == "last" else {"duplicate_target": "max"}  # "last" is the default
+            dup = ia_bce_loss(a, idx_dup, torch.tensor(targets, dtype=torch.float64), **kwargs)
+            one = ia_bce_loss(b, idx_one, torch.tensor([expected], dtype=torch.float64))
+            assert dup.item() == pytest.approx(one.item(), rel=1e-14)
+            assert dup.item() == pytest.approx(_ia_bce_direct(logits, {(0, 1, 0): expected}), rel=1e-12)
+            dup.backward()
+            one.backward()
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-14, atol=1e-14)
+    # the two choices really differ here: the target 0.3 vs 0.6 changes the loss
+    t = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    assert ia_bce_loss(logits, idx_dup, t).item() != pytest.approx(
+        ia_bce_loss(logits, idx_dup, t, duplicate_target="max").item(), rel=1e-6)
+    # among other positives, in any position; (0,1,0) three times, (0,0,0) twice
+    idx = (torch.tensor([0, 0, 0, 0, 0, 0]), torch.tensor([0, 1, 1, 0, 1, 0]), torch.tensor([1, 0, 0, 0, 0, 0]))
+    t = torch.tensor([0.2, 0.1, 0.7, 0.4, 0.5, 0.3], dtype=torch.float64)
+    got_last = ia_bce_loss(logits, idx, t)
+    got_max = ia_bce_loss(logits, idx, t, duplicate_target="max")
+    assert got_last.item() == pytest.approx(
+        _ia_bce_direct(logits, {(0, 0, 1): 0.2, (0, 1, 0): 0.5, (0, 0, 0): 0.3}), rel=1e-12)
+    assert got_max.item() == pytest.approx(
+        _ia_bce_direct(logits, {(0, 0, 1): 0.2, (0, 1, 0): 0.7, (0, 0, 0): 0.4}), rel=1e-12)
+    with pytest.raises(ValueError, match="duplicate_target"):
+        ia_bce_loss(logits, idx, t, duplicate_target="first")
+
+
+def test_ia_bce_last_write_wins_on_random_duplicates():
+    """Many duplicates in random order: "last" equals a Python loop of ``target[entry] = t``."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64) * 2
+    k = 40
+    b = torch.randint(0, 2, (k,), generator=gen)
+    q = torch.randint(0, 3, (k,), generator=gen)
+    c = torch.randint(0, 2, (k,), generator=gen)
+    t = torch.rand(k, generator=gen, dtype=torch.float64)
+    last, larger = {}, {}
+    for entry, value in zip(zip(b.tolist(), q.tolist(), c.tolist()), t.tolist()):
+        last[entry] = value
+        larger[entry] = max(larger.get(entry, 0.0), value)
+    assert last != larger
+    assert ia_bce_loss(logits, (b, q, c), t).item() == pytest.approx(_ia_bce_direct(logits, last), rel=1e-12)
+    assert ia_bce_loss(logits, (b, q, c), t, duplicate_target="max").item() == pytest.approx(
+        _ia_bce_direct(logits, larger), rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

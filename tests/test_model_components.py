@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from torch import nn
 
-from dac_detr.boxes import box_cxcywh_to_xyxy
+from dac_detr.boxes import box_cxcywh_to_xyxy, inverse_sigmoid
 from dac_detr.models import DACDETR
 from dac_detr.models.deformable_attention import MSDeformAttn
 from dac_detr.models.denoising import build_cdn_queries
@@ -149,6 +149,30 @@ def test_cdn_label_noise_rate_groups_and_edge_cases():
     with pytest.raises(ValueError, match="generator is on 'cpu' but the model is on 'meta'"):
         build_cdn_queries(targets, nn.Embedding(11, 8, device="meta"), 10, 5, 100, 0.5, 0.4,
                           generator=torch.Generator())
+
+
+def test_cdn_boxes_follow_the_parameter_dtype_at_least_float32():
+    """A float64 model gets float64 DN box logits, equal to the float64 computation; half
+    precision parameters still give float32 boxes."""
+    targets = [{"labels": torch.tensor([1, 4]),
+                "boxes": torch.tensor([[0.3123456789012345, 0.6, 0.2, 0.1000000123], [0.5, 0.45, 0.3, 0.7]],
+                                      dtype=torch.float64)}]
+    expected = inverse_sigmoid(targets[0]["boxes"])  # float64 (the boxes are far from 0 and 1: no clamp)
+    label_enc = nn.Embedding(6, 8).double()
+    dn = build_cdn_queries(targets, label_enc, num_classes=5, num_queries=3, dn_number=4,
+                           label_noise_ratio=0.0, box_noise_scale=0.0)
+    assert dn.box_logits.dtype == torch.float64 and dn.content.dtype == torch.float64
+    S = dn.single_pad
+    for k in range(dn.num_groups):
+        for slot in (2 * k * S, 2 * k * S + S):  # positives, then negatives (no noise: the GT too)
+            torch.testing.assert_close(dn.box_logits[0, slot:slot + 2], expected, rtol=0, atol=1e-12)
+    # float32 boxes would be off by far more than 1e-12
+    assert (inverse_sigmoid(targets[0]["boxes"].float()).double() - expected).abs().max() > 1e-9
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        low = build_cdn_queries(targets, nn.Embedding(6, 8).to(dtype), 5, 3, 4, 0.0, 0.0)
+        assert low.box_logits.dtype == torch.float32
+        torch.testing.assert_close(low.box_logits[0, :2], inverse_sigmoid(targets[0]["boxes"].float()),
+                                   rtol=0, atol=0)
 
 
 def test_refine_boxes_with_points_and_boxes():

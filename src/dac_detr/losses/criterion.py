@@ -27,6 +27,7 @@ from dac_detr.losses.functional import (
     box_l1_loss,
     ia_bce_loss,
     iou_aware_quality,
+    DUPLICATE_TARGETS,
     paired_box_iou,
     rank_weights,
     sigmoid_focal_loss,
@@ -58,9 +59,8 @@ class SetCriterion(nn.Module):
         branch t is further multiplied by the rank weight exp(-r/``rank_tau``), r = the rank of t
         among the positives of the same GT, and the same weight multiplies that pair's L1 and
         GIoU terms. If one (query, class) entry is positive for two GTs of the same class (a
-        query shared in the one-to-many assignment, SPEC §7 item 3), its target is the larger
-        of the two (the official "last write wins" is device dependent); both pairs keep their
-        box terms, as in the official code.
+        query shared in the one-to-many assignment, SPEC §7 item 3), ``duplicate_target``
+        picks its target; both pairs keep their box terms, as in the official code.
         ``"focal"`` (the ``dac_cdn`` variant): sigmoid focal loss with one-hot targets on every
         decoder branch, and no rank weights (all box weights 1).
         The encoder always uses the focal loss, class-agnostic (target one-hot on channel 0).
@@ -80,6 +80,12 @@ class SetCriterion(nn.Module):
         ia_bce_alpha, ia_bce_gamma, ia_bce_min_quality: IA-BCE's quality exponent (0.25),
             negative exponent (2) and target floor (0.01).
         focal_alpha, focal_gamma: focal loss alpha / gamma (0.25 / 2).
+        duplicate_target: the IA-BCE target of an entry that is positive for several GTs:
+            ``"last"`` (default, the official behaviour: the official ``pos_weights[idx] = t``
+            lets the last write win, and the positives come per image, by GT ascending, within a
+            GT by descending assignment score, so the later GT's target wins; resolved here by a
+            stable sort, the same on every device) or ``"max"`` (the larger target). The focal
+            loss ignores it (its targets are all 1).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class SetCriterion(nn.Module):
         ia_bce_min_quality: float = 0.01,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        duplicate_target: str = "last",
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -109,6 +116,9 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: o2m_loss_scale must be > 0 (official 1/3); got {o2m_loss_scale}")
         if not float(rank_tau) > 0:
             raise ValueError(f"SetCriterion: rank_tau must be > 0 (official 1.5); got {rank_tau}")
+        if duplicate_target not in DUPLICATE_TARGETS:
+            raise ValueError(f"SetCriterion: duplicate_target must be one of {DUPLICATE_TARGETS} "
+                             f"(official 'last'); got {duplicate_target!r}")
         merged = dict(DEFAULT_WEIGHTS)
         for key, value in dict(weights or {}).items():
             if key not in DEFAULT_WEIGHTS:
@@ -127,11 +137,12 @@ class SetCriterion(nn.Module):
         self.ia_bce_min_quality = float(ia_bce_min_quality)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
+        self.duplicate_target = duplicate_target
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, cls_loss={self.cls_loss!r}, weights={self.weights}, "
                 f"o2m_box_source={self.o2m_box_source!r}, o2m_loss_scale={self.o2m_loss_scale:.4g}, "
-                f"rank_tau={self.rank_tau}")
+                f"rank_tau={self.rank_tau}, duplicate_target={self.duplicate_target!r}")
 
     # ------------------------------------------------------------------------------------------
     def forward(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]],
@@ -281,7 +292,8 @@ class SetCriterion(nn.Module):
                                            device=logits.device).cumsum(0)
                     box_weights = rank_weights(offsets[batch_idx] + gt_idx, quality, self.rank_tau)
                     quality = quality * box_weights
-            cls = ia_bce_loss(logits, (batch_idx, query_idx, labels), quality, self.ia_bce_gamma)
+            cls = ia_bce_loss(logits, (batch_idx, query_idx, labels), quality, self.ia_bce_gamma,
+                              self.duplicate_target)
         else:
             cls = sigmoid_focal_loss(logits, (batch_idx, query_idx, labels), self.focal_alpha, self.focal_gamma)
         l1, giou = self._box_terms(boxes, batch_idx, query_idx, gt_boxes, box_weights)

@@ -72,19 +72,34 @@ def rank_weights(groups: Tensor, quality: Tensor, tau: float = 1.5) -> Tensor:
     return torch.exp(-rank_within_groups(groups, quality).to(quality.dtype) / tau)
 
 
-def _distinct_positives(logits: Tensor, pos_index: tuple[Tensor, ...], pos_target: Tensor
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-    """The positive entries as flat indices into ``logits``, with duplicates resolved to the
-    largest target: (K,) x 3 -> flat (K,), target (K,), keep (K,) bool (one True per entry).
+DUPLICATE_TARGETS = ("last", "max")
 
-    Sorted by target, then stably by entry, the last of each entry's run holds its largest
-    target. (No ``torch.unique``: it would wait for the GPU on every call.)
+
+def _distinct_positives(logits: Tensor, pos_index: tuple[Tensor, ...], pos_target: Tensor,
+                        duplicate_target: str = "last") -> tuple[Tensor, Tensor, Tensor]:
+    """The positive entries as flat indices into ``logits``, one target per entry:
+    (K,) x 3 -> flat (K,), target (K,), keep (K,) bool (one True per entry).
+
+    An entry named by several positives takes, with ``duplicate_target``:
+        ``"last"`` (default, the official behaviour): the target of the **last** of them in the
+            given order (the official ``pos_weights[pos_idx_c] = t`` on CPU);
+        ``"max"``: the largest of their targets.
+    The positives are sorted stably by entry (for ``"max"``, after a stable sort by target), so
+    the last of each entry's run is the one kept; this does not rely on how an indexed
+    assignment resolves duplicate indices, and gives the same result on every device.
+    (No ``torch.unique``: it would wait for the GPU on every call.)
     """
+    if duplicate_target not in DUPLICATE_TARGETS:
+        raise ValueError(f"duplicate_target must be one of {DUPLICATE_TARGETS} (official \"last\"); "
+                         f"got {duplicate_target!r}")
     batch_idx, query_idx, class_idx = pos_index
     num_queries, num_classes = logits.shape[1], logits.shape[2]
     flat = (batch_idx * num_queries + query_idx) * num_classes + class_idx
-    by_target = torch.sort(pos_target, stable=True).indices
-    order = by_target[torch.sort(flat[by_target], stable=True).indices]
+    if duplicate_target == "max":
+        by_target = torch.sort(pos_target, stable=True).indices
+        order = by_target[torch.sort(flat[by_target], stable=True).indices]
+    else:
+        order = torch.sort(flat, stable=True).indices
     flat, target = flat[order], pos_target[order].to(logits.dtype)
     keep = torch.ones_like(flat, dtype=torch.bool)
     keep[:-1] = flat[1:] != flat[:-1]
@@ -92,7 +107,8 @@ def _distinct_positives(logits: Tensor, pos_index: tuple[Tensor, ...], pos_targe
 
 
 def ia_bce_loss(
-    logits: Tensor, pos_index: tuple[Tensor, ...], pos_target: Tensor, gamma: float = 2.0
+    logits: Tensor, pos_index: tuple[Tensor, ...], pos_target: Tensor, gamma: float = 2.0,
+    duplicate_target: str = "last",
 ) -> Tensor:
     """IoU-aware BCE summed over every (query, class) entry (Align-DETR; SPEC §4.2).
 
@@ -103,18 +119,23 @@ def ia_bce_loss(
 
     Two positives may name the same entry: in the one-to-many assignment a query can be positive
     for two GTs of the same class (SPEC §7 item 3). The official code writes both targets with an
-    indexed assignment, so "last write wins" (and on CUDA, with duplicate indices, which write
-    lands is unspecified). Here the entry takes the **larger** of the targets, a deterministic
-    choice on every device. Each such pair still gets its own box terms.
+    indexed assignment, ``pos_weights[pos_idx_c] = t``, so on CPU the last write wins. With the
+    default ``duplicate_target="last"`` the entry takes the target of the later positive in the
+    given order (the official behaviour, made deterministic on every device); with ``"max"`` it
+    takes the larger of the targets. Each such pair still gets its own box terms.
 
     Args:
         logits: (B, Q, C) classification logits.
         pos_index: (batch_idx, query_idx, class_idx), each (K,) int64: the positive entries.
         pos_target: (K,) soft targets t' (already rank-weighted where that applies), detached.
         gamma: exponent of the negatives' p^gamma weight.
+        duplicate_target: ``"last"`` (official) or ``"max"``, the target of an entry named twice.
     Returns:
         scalar: the sum over all B·Q·C entries (not normalised).
     """
+    if duplicate_target not in DUPLICATE_TARGETS:
+        raise ValueError(f"ia_bce_loss: duplicate_target must be one of {DUPLICATE_TARGETS} (official "
+                         f"\"last\"); got {duplicate_target!r}")
     logits = _at_least_float32(logits)
     # Every entry as a negative, then the few positives swapped in: the B·Q·C-sized work is three
     # element-wise ops, and the swap cancels the negative term's gradient exactly (+g - g).
@@ -122,7 +143,7 @@ def ia_bce_loss(
     loss = negative.sum()
     if pos_index[0].numel() == 0:
         return loss
-    flat, target, keep = _distinct_positives(logits, pos_index, pos_target.detach())
+    flat, target, keep = _distinct_positives(logits, pos_index, pos_target.detach(), duplicate_target)
     x = logits.reshape(-1)[flat]
     positive = -(target * F.logsigmoid(x) + (1 - target) * F.logsigmoid(-x))
     return loss + torch.where(keep, positive - negative.reshape(-1)[flat], 0).sum()

@@ -51,6 +51,7 @@ def build_cdn_queries(
     probability ``label_noise_ratio / 2``, by a uniform class in [0, num_classes). Box noise: each
     xyxy corner moves by ±u·(w/2 or h/2)·``box_noise_scale``, u ~ U[0, 1) for positives and
     U[1, 2) for negatives, then the box is clamped to the image. ``generator`` drives all noise.
+    The boxes and ``box_logits`` take the dtype of ``label_enc``'s weight, at least float32.
     """
     counts = [int(t["labels"].shape[0]) for t in targets]  # shapes: Python ints, no host sync
     single_pad = max(counts, default=0)
@@ -65,7 +66,10 @@ def build_cdn_queries(
     batch_size = len(targets)
 
     labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
-    boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+    # the boxes in the parameters' dtype, never below float32 (a float64 model keeps float64
+    # DN box logits; under autocast the parameters, and so the boxes, stay float32)
+    box_dtype = torch.promote_types(label_enc.weight.dtype, torch.float32)
+    boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=box_dtype)
     image_idx = torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
     gt_idx = torch.cat([torch.arange(n, dtype=torch.long, device=device) for n in counts])
     num_gt = labels.shape[0]
