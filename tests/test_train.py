@@ -80,7 +80,8 @@ def test_quickstart_module_logs_streams_and_optimizer_groups(data_root, tmp_path
 def test_optimizer_groups_follow_the_official_recipe(data_root, tmp_path):
     from dac_detr.utils.instantiate import build_datamodule, build_module
 
-    cfg = compose_train([*tiny_data_overrides(data_root), *short_run_overrides(tmp_path)], output_dir=tmp_path)
+    cfg = compose_train([*tiny_data_overrides(data_root), *short_run_overrides(tmp_path), "optimizer.lr=2e-4",
+                         "module.lr_backbone=2e-5", "scheduler.step_size=11"], output_dir=tmp_path)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.num_classes)
     config = module.configure_optimizers()
