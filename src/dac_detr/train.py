@@ -9,6 +9,7 @@ Resume a killed run with the same command plus `ckpt_path=last` (or `resume=true
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +39,22 @@ def _job_info(cfg: DictConfig) -> dict[str, Any]:
         overrides = hc.job.override_dirname or f"job{hc.job.num}"
         return {"name": f"{cfg.task_name}:{overrides}", "group": f"{cfg.task_name}/{Path(hc.sweep.dir).name}"}
     return {"name": cfg.task_name, "group": cfg.task_name}
+
+
+def _spawn_ddp_under_local_multirun(cfg: DictConfig) -> None:
+    """Lightning's ``ddp`` re-executes the command line for the other ranks; under a local Hydra
+    multirun (``-m``) that command is the whole sweep. ``ddp_spawn`` starts the ranks from inside
+    this job instead. (SLURM/torchrun launch the ranks themselves and keep ``ddp``.)"""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if "SLURM_NTASKS" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, str) and strategy.startswith("ddp") and not strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        spawned = "ddp_spawn" + strategy[len("ddp"):]
+        log.warning("Local multirun: trainer.strategy=%s -> %s (ddp would relaunch the whole sweep per rank).", strategy, spawned)
+        with open_dict(cfg):
+            cfg.trainer.strategy = spawned
 
 
 def _task_overrides() -> list[str]:
@@ -104,6 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule.num_classes, training=True)
     module.run_metadata = run_metadata(cfg, datamodule)
 
+    _spawn_ddp_under_local_multirun(cfg)
     loggers = build_loggers(cfg, metadata.get("wandb_run_id"), _job_info(cfg))
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
