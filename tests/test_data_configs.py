@@ -52,7 +52,8 @@ def test_custom_data_config_composes(tmp_path):
     from hydra.utils import instantiate
 
     with initialize_config_module("dac_detr.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["data=custom", f"data.root={tmp_path}"])
+        # With a COCO experiment, as the README shows (the default quickstart sets synthetic-only keys).
+        cfg = compose("train", overrides=["experiment=r50_12ep", "data=custom", f"data.root={tmp_path}"])
     dm = instantiate(cfg.data)
     assert dm.root == tmp_path and dm.label_mapping == "contiguous"
     assert dm.val_transforms.transforms[0].sizes == [800]
