@@ -11,6 +11,18 @@ from .wandb_utils import finish_wandb_run
 log = logging.getLogger("dac_detr")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input (data, checkpoints, weights, config): their messages already
+    name the problem and the fix, so they are printed alone, without a traceback."""
+    from ..data.errors import DataError
+    from ..models.backbone_common import PretrainedWeightsUnavailable
+    from ..models.convert import NotAnOfficialCheckpointError
+    from .checkpoint import CheckpointError
+    from .config_checks import ConfigError
+
+    return (DataError, PretrainedWeightsUnavailable, NotAnOfficialCheckpointError, CheckpointError, ConfigError)
+
+
 def task_wrapper(task: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``task`` and always finish the W&B run afterwards.
 
@@ -22,6 +34,9 @@ def task_wrapper(task: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
+        except _user_errors() as err:
+            log.error("%s: %s", type(err).__name__, err)
+            raise SystemExit(1) from None
         except Exception:
             log.exception("The task failed; see the traceback above. Its output directory keeps the logs.")
             raise
