@@ -47,7 +47,8 @@ class DACDETRModule(L.LightningModule):
         lr_backbone: learning rate of the parameters whose names contain one of ``backbone_param_names``.
         lr_linear_proj_mult: learning-rate multiplier of the parameters whose names contain one of
             ``linear_proj_param_names`` (official 0.1: the deformable attention's sampling offsets).
-        compile: ``torch.compile`` the detector in place (state-dict names stay the same).
+        compile: ``torch.compile`` the detector in place (state-dict names stay the same): ``True``
+            for Inductor, or the name of another backend (``aot_eager``, ``eager``, ``cudagraphs``).
         seed: base seed of the per-step generators.
         queries_per_object: a ``QueriesPerObject`` accumulator (thresholds 0.6/0.7/0.8), or None.
         eval_backend: ``pycocotools`` or ``faster_coco_eval`` for ``CocoEvaluator``.
@@ -67,7 +68,7 @@ class DACDETRModule(L.LightningModule):
         lr_linear_proj_mult: float = 0.1,
         backbone_param_names: Sequence[str] = ("backbone.",),
         linear_proj_param_names: Sequence[str] = ("sampling_offsets", "reference_points"),
-        compile: bool = False,
+        compile: bool | str = False,
         seed: int = 42,
         queries_per_object: Optional[nn.Module] = None,
         eval_backend: str = "pycocotools",
@@ -105,7 +106,10 @@ class DACDETRModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.compile and stage == "fit":
             # nn.Module.compile keeps the parameter names (no `_orig_mod.` prefix in checkpoints).
-            self.model.compile(dynamic=True)
+            # `compile: true` uses Inductor; a string names another torch.compile backend
+            # (e.g. `aot_eager` to debug a compile problem without code generation).
+            backend = "inductor" if self.compile is True else str(self.compile)
+            self.model.compile(dynamic=True, backend=backend)
 
     def forward(self, images: Tensor, pixel_mask: Tensor) -> dict[str, Any]:
         """Inference outputs of the detector (O-Decoder only)."""

@@ -25,6 +25,8 @@ def _is_number(v: Any) -> bool:
 
 _PRECISIONS = {"32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64", "64-true", "transformer-engine"}
 
+_COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
 # key -> (predicate, what is expected)
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: v is None or _is_int(v), "an integer or null"),
@@ -37,7 +39,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler.step_size": (lambda v: _is_int(v) and v > 0, "a positive integer (epochs before the lr drop)"),
     "module.lr_backbone": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "module.lr_linear_proj_mult": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "module.compile": (lambda v: isinstance(v, bool), "true or false"),
+    "module.compile": (
+        lambda v: isinstance(v, bool) or (isinstance(v, str) and v in _COMPILE_BACKENDS),
+        f"true, false or a torch.compile backend ({', '.join(_COMPILE_BACKENDS)})",
+    ),
     "dac.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "dac.c_decoder.share_layer0_self_attn": (lambda v: isinstance(v, bool), "true or false"),
     "dac.o2m.box_source": (lambda v: v in ("o_decoder", "c_decoder"), "'o_decoder' or 'c_decoder'"),
