@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from dac_detr.losses import HungarianMatcher, OneToManyAssigner, SetCriterion
 from dac_detr.models import DACDETR
+from tiny_backbone import TinyBackbone
 
 NUM_CLASSES = 5
 
 
-class _ConvBackbone(nn.Module):
-    """Three strided convs with the backbone contract (strides 8/16/32)."""
-
-    def __init__(self, channels=(8, 16, 16)):
-        super().__init__()
-        self.num_channels = list(channels)
-        self.strides = [8, 16, 32]
-        ins = [3, *channels[:-1]]
-        self.body = nn.ModuleList(nn.Conv2d(i, o, 3, stride=s, padding=1) for i, o, s in zip(ins, channels, (8, 2, 2)))
-
-    def forward(self, images, pixel_mask):
-        out, x = [], images
-        for conv in self.body:
-            x = F.relu(conv(x))
-            out.append((x, F.interpolate(pixel_mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]))
-        return out
-
-
 def _model(dac: bool) -> DACDETR:
     torch.manual_seed(0)
-    model = DACDETR(_ConvBackbone(), num_classes=NUM_CLASSES, hidden_dim=32, nheads=4, num_encoder_layers=1,
+    model = DACDETR(TinyBackbone(channels=(8, 16, 16)), num_classes=NUM_CLASSES, hidden_dim=32, nheads=4, num_encoder_layers=1,
                     num_decoder_layers=2, dim_feedforward=32, num_feature_levels=4, enc_n_points=2,
                     dec_n_points=2, num_queries=10, dn_number=4, dac_enabled=dac)
     with torch.no_grad():  # the official init zeroes the last box layer; perturb it so boxes vary
