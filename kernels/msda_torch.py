@@ -1,9 +1,9 @@
 """Pure-PyTorch multi-scale deformable attention: the CPU path and the test oracle.
 
 Bilinear sampling with zero padding and ``align_corners=False`` through ``F.grid_sample``, the
-exact semantics of the reference Deformable-DETR op (shared/KERNELS.md §1.1), up to one
-measure-zero difference: a sample exactly at ``h_im == -1`` (or ``w_im == -1``) is skipped by the
-reference (zero gradient) while ``grid_sample`` gives it a location gradient from its one on-map
+exact semantics of the reference Deformable-DETR op (docs/kernels.md, Reference semantics), up to
+one measure-zero difference: a sample exactly at ``h_im == -1`` (or ``w_im == -1``) is skipped by
+the reference (zero gradient) while ``grid_sample`` gives it a location gradient from its one on-map
 corner (its value is 0 either way).
 
 ``ms_deform_attn_torch`` is differentiable through autograd. ``ms_deform_attn_torch_backward``

@@ -1,7 +1,7 @@
 """Triton forward and backward kernels for multi-scale deformable attention.
 
-Semantics are those of the reference Deformable-DETR op (shared/KERNELS.md §1.1), reproduced by
-``msda_torch.ms_deform_attn_torch``:
+Semantics are those of the reference Deformable-DETR op (docs/kernels.md, Reference semantics),
+reproduced by ``msda_torch.ms_deform_attn_torch``:
 
 * a sample at (x, y) in [0, 1] on a level of size (h_l, w_l) sits at pixel
   ``(w_im, h_im) = (x * w_l - 0.5, y * h_l - 0.5)`` (``align_corners=False``);
@@ -9,14 +9,13 @@ Semantics are those of the reference Deformable-DETR op (shared/KERNELS.md §1.1
   each of its four bilinear corners is read only if it lies on the map (zero padding);
 * the bilinear blend is multiplied by the attention weight and summed over levels and points.
 
-Layout of one program (KERNELS.md §6.4): the grid is ``(cdiv(Q, BLOCK_Q), H, B)``; a program owns
-``BLOCK_Q`` neighbouring queries of one head of one image and works on ``[BLOCK_Q, BLOCK_D]``
-tiles. L and P are constexpr; the loop over points is unrolled, the loop over levels is a
+Layout of one program (docs/kernels.md, Triton forward): the grid is ``(cdiv(Q, BLOCK_Q), H, B)``; a
+program owns ``BLOCK_Q`` neighbouring queries of one head of one image and works on ``[BLOCK_Q,
+BLOCK_D]`` tiles. L and P are constexpr; the loop over points is unrolled, the loop over levels is a
 runtime loop on purpose: unrolling both lets the compiler hoist all L*P*4 gathers, and at L = P = 4
-ptxas (CUDA 12.9, sm_90a) then spilled ~8.7 KB per thread in the forward, while the level loop
-keeps it at ~108 registers with no spills (bf16, D = 32) and compiles 7x faster. All coordinate
-and weight math runs in fp32 (fp64 when the value is fp64); values of any float dtype are upcast
-on load.
+ptxas (CUDA 12.9, sm_90a) then spilled ~8.7 KB per thread in the forward, while the level loop keeps
+it at ~108 registers with no spills (bf16, D = 32) and compiles 7x faster. All coordinate and weight
+math runs in fp32 (fp64 when the value is fp64); values of any float dtype are upcast on load.
 
 The level table (h_l, w_l, start_l) is read from a small int32 tensor at run time, and the query
 and key counts are not specialised, so a new padded image size never recompiles a kernel.
@@ -253,7 +252,8 @@ def level_metadata(spatial_shapes: Tensor, level_start_index: Tensor, device: to
 
 
 def _launch_config(num_queries: int, head_dim: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_Q, BLOCK_D, num_warps): a fixed heuristic, no autotuning (KERNELS.md §4.3).
+    """(BLOCK_Q, BLOCK_D, num_warps): a fixed heuristic, no autotuning (docs/kernels.md, Block
+    sizes).
 
     On a GPU the tile holds about 2048 (forward) or 1024 (backward) elements, so that the four
     corner tiles of one sample stay in registers with 4 warps. In the interpreter every program

@@ -1,11 +1,12 @@
 """Benchmark of multi-scale deformable attention: the Triton kernels against the grid_sample path.
 
-Protocol (shared/KERNELS.md §6.3):
+Protocol (docs/kernels.md, Benchmark protocol):
 
 * correctness first, in the same run: output and all three gradients of every implementation
   against the fp32 grid_sample path fed the same (upcast) inputs, with the tolerance stated;
-* shapes of DAC-DETR training (§3.1): the encoder call (B = 2, S = Q = 22,223 at 800x1333) and
-  the decoder call (B = 2, Q = 1,100); bf16 and fp32 values, fp32 locations and weights;
+* shapes of DAC-DETR training (docs/kernels.md, Shapes and minimum traffic): the encoder call (B =
+  2, S = Q = 22,223 at 800x1333) and the decoder call (B = 2, Q = 1,100); bf16 and fp32 values, fp32
+  locations and weights;
 * three location sets: ``train`` (encoder: every token's own pixel plus rings of 1-4 px;
   decoder: queries clustered on a few boxes), ``uniform`` (the worst case for locality) and
   ``concentrated`` (all queries on 3 small objects: the worst case for atomic contention); each
@@ -18,7 +19,8 @@ Protocol (shared/KERNELS.md §6.3):
   extra fp32 column only when it happens to be importable (never built or vendored here);
 * memory kept for backward (bytes of saved tensors beyond the inputs, any device) and, on CUDA,
   the peak allocation of forward and backward;
-* % of the HBM roofline = compulsory bytes (§3.2) / time / copy bandwidth measured here.
+* % of the HBM roofline = compulsory bytes (docs/kernels.md, Shapes and minimum traffic) / time /
+  copy bandwidth measured here.
 
 Everything goes to a JSON file (default ``scripts/results/bench_msda.json``) and a table on stdout.
 
@@ -397,7 +399,8 @@ def memory_report(case, impl_name, reference_apply):
 
 
 def compulsory_bytes(case):
-    """HBM minimum per call (KERNELS.md §3.2); backward includes the fp32 zero-fill and cast."""
+    """HBM minimum per call (docs/kernels.md, Shapes and minimum traffic); backward includes the
+    fp32 zero-fill and cast."""
     bv = case.value.element_size()
     _, _, heads, head_dim = case.value.shape
     n = case.batch * case.num_queries * heads * len(case.levels) * NUM_POINTS
@@ -513,7 +516,7 @@ def run(args):
                    "notes": "triton: the kernels' launchers called directly (the custom op adds only its "
                             "dispatch); bwd includes the fp32 grad_value zero-fill and cast. grid_sample and "
                             "reference: autograd, bwd = autograd.grad on a retained graph. Roofline bytes: "
-                            "KERNELS.md §3.2 with fp32 locations/weights."}, "cases": []}  # fmt: skip
+                            "docs/kernels.md (Shapes and minimum traffic), fp32 locations/weights."}, "cases": []}  # fmt: skip
     for call, dtype, dist, batch, levels, decoder_queries, heads, head_dim, impl_names in plan(args):
         case = make_case(call, dtype, dist, batch, levels, decoder_queries, device, heads, head_dim)
         names = list(impl_names) + (["reference"] if reference_apply is not None else [])

@@ -1,5 +1,5 @@
 """One DAC-DETR training step: step time and peak memory, Triton op against the grid_sample path,
-DAC on and off (shared/KERNELS.md §6.2, "the number users feel").
+DAC on and off (docs/kernels.md, Benchmark protocol: "the number users feel").
 
 The step is what a training iteration does: forward of the detector (R50, 6+6 layers, 900
 queries, CDN, two-stage, box refinement, as ``conf/model/dac_detr.yaml``), the criterion

@@ -85,7 +85,7 @@ def test_stem_and_layer1_are_frozen_and_batchnorm_has_no_parameters():
         trains = name.split(".")[0] in ("layer2", "layer3", "layer4")
         assert param.requires_grad == trains, name
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-    assert trainable == 23_232_512  # SPEC §1.9: R50 layers 2-4
+    assert trainable == 23_232_512  # docs/method.md, Parameter inventory: R50 layers 2-4
 
     images, mask = padded_batch([(64, 64)])
     before = {k: v.clone() for k, v in backbone.body.state_dict().items() if "bn" in k or "downsample.1" in k}

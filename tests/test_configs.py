@@ -1,4 +1,5 @@
-"""Every config composes with the real Hydra and holds the official numbers (SPEC §0, §5.1)."""
+"""Every config composes with the real Hydra and holds the official numbers (docs/method.md,
+Training recipe)."""
 
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ def _expected_names(layers, dac, dn, enc):
 
 
 def _ia_bce_dense(logits, positives: dict, gamma=2.0):
-    """The SPEC §4.2 formula over a dense tensor, {(b, q, c): t'} positives."""
+    """The IA-BCE formula (docs/method.md, IA-BCE) over a dense tensor, {(b, q, c): t'}
+    positives."""
     p = logits.double().sigmoid()
     total = 0.0
     for idx in torch.cartesian_prod(*(torch.arange(n) for n in logits.shape)).tolist():
@@ -244,9 +245,10 @@ def test_box_source_option():
 
 
 def test_same_class_gts_sharing_a_query():
-    """SPEC §7 item 3: q0 is the top query of both GTs (same class). The IA-BCE target of
-    (q0, class 0) is, by default (official), the later GT's; with duplicate_target="max" the
-    larger of the two. Both pairs' box terms count either way."""
+    """docs/method.md, One-to-many assignment (a query shared by two GTs): q0 is the top query of
+    both GTs (same class). The IA-BCE target of (q0, class 0) is, by default (official), the later
+    GT's; with duplicate_target="max" the larger of the two. Both pairs' box terms count either
+    way."""
     a, b = [0.5, 0.5, 0.4, 0.4], [0.55, 0.5, 0.4, 0.4]
     boxes = [[0.52, 0.5, 0.4, 0.4], [0.6, 0.5, 0.4, 0.4], [0.1, 0.1, 0.05, 0.05]]
     dt = torch.float64

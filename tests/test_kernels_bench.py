@@ -54,9 +54,10 @@ def test_bench_train_step_cpu_smoke(tmp_path):
 
 
 def test_roofline_bytes_and_location_sets_at_the_real_shapes():
-    """The benchmark's compulsory-traffic formula reproduces KERNELS.md §3.3 (encoder and decoder,
-    B = 2, bf16 value: forward 114 / 27 MB, backward with zero-fill and cast 341 / 190 MB), and
-    every location set is built at the real shapes with its share of samples off the maps."""
+    """The benchmark's compulsory-traffic formula reproduces docs/kernels.md, Shapes and minimum
+    traffic (encoder and decoder, B = 2, bf16 value: forward 114 / 27 MB, backward with zero-fill
+    and cast 341 / 190 MB), and every location set is built at the real shapes with its share of
+    samples off the maps."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import bench_msda

@@ -1,4 +1,5 @@
-"""GPU checks of the Triton kernels at the real DETR shapes (shared/KERNELS.md §3.1).
+"""GPU checks of the Triton kernels at the real DETR shapes (docs/kernels.md, Shapes and minimum
+traffic).
 
 Marked ``gpu``: skipped without CUDA (conftest.py). Tolerances: fp32 values -> relative error
 (in norm) below 1e-5 against the fp32 grid_sample path; bf16/fp16 values -> compared with an

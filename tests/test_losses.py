@@ -26,7 +26,8 @@ def _positives(gen, batch, queries, classes, k):
 
 
 def _ia_bce_direct(logits, positives: dict, gamma=2.0):
-    """Σ over entries of the SPEC §4.2 formula, one entry at a time, in Python floats."""
+    """Σ over entries of the IA-BCE formula (docs/method.md, IA-BCE), one entry at a time, in Python
+    floats."""
     total = 0.0
     for idx in torch.cartesian_prod(*(torch.arange(n) for n in logits.shape)).tolist():
         p = 1 / (1 + math.exp(-logits[tuple(idx)].item()))

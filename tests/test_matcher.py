@@ -22,7 +22,8 @@ def _giou_scalar(a, b):
 
 
 def _cost_scalar(logit, box, label, gt_box, w_cls=2.0, w_l1=5.0, w_giou=2.0, alpha=0.25, gamma=2.0):
-    """SPEC §4.1 cost of one (prediction, GT) pair, element by element."""
+    """The Hungarian cost (docs/method.md, Hungarian matching) of one (prediction, GT) pair, element
+    by element."""
     p = 1 / (1 + math.exp(-logit[label]))
     pos = alpha * (1 - p) ** gamma * -math.log(p + 1e-8)
     neg = (1 - alpha) * p ** gamma * -math.log(1 - p + 1e-8)

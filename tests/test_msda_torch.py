@@ -1,5 +1,6 @@
 """The pure-PyTorch deformable attention (CPU path and test oracle) against a direct per-sample
-loop of the reference semantics (shared/KERNELS.md §1.1), in float64, plus gradcheck."""
+loop of the reference semantics (docs/kernels.md, Reference semantics), in float64, plus
+gradcheck."""
 
 from __future__ import annotations
 

@@ -153,7 +153,8 @@ class DACDETRModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW groups of the official recipe (SPEC §5.1), chosen by substring of the parameter name."""
+        """AdamW groups of the official recipe (docs/method.md, Training recipe), chosen by
+        substring of the parameter name."""
         base_lr = self.optimizer_factory.keywords.get("lr") if hasattr(self.optimizer_factory, "keywords") else None
         if base_lr is None:
             raise ValueError("optimizer.lr must be set (the learning rate of the non-backbone parameters).")

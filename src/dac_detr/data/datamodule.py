@@ -25,9 +25,9 @@ class CocoDataModule(LightningDataModule):
     """COCO-format data: ``root/{train,val}_annotations`` + ``root/{train,val}_images``.
 
     Batches are ``(images (B,3,H,W), pixel_mask (B,H,W) True on padding, targets)`` as
-    docs/interfaces.md says. The defaults are the official COCO recipe (SPEC §5.2); every image
-    size is an argument so small data sets can use small images. Validation, test and predict all
-    use the val split (COCO test-dev has no public annotations).
+    docs/interfaces.md says. The defaults are the official COCO recipe (docs/method.md, Data and
+    augmentation); every image size is an argument so small data sets can use small images.
+    Validation, test and predict all use the val split (COCO test-dev has no public annotations).
 
     Args:
         root: the data set folder; the four paths below are relative to it (or absolute).

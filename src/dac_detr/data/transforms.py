@@ -6,9 +6,9 @@ Every transform takes and returns ``(image, target)``: ``image`` a ``tv_tensors.
 normalised cxcywh tensor and adds ``size``.
 
 The resize and crop reproduce the official Deformable-DETR ``datasets/transforms.py`` exactly
-(SPEC §5.2): v2's ``RandomShortestSize`` rounds the sizes differently and v2 has no
-``RandomSizeCrop``, so both are written here on top of ``v2.functional``. Randomness comes from
-torch's global generator, which Lightning seeds per data-loader worker.
+(docs/method.md, Data and augmentation): v2's ``RandomShortestSize`` rounds the sizes differently
+and v2 has no ``RandomSizeCrop``, so both are written here on top of ``v2.functional``. Randomness
+comes from torch's global generator, which Lightning seeds per data-loader worker.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def build_train_transforms(
     crop_max_size: int = 600,
     hflip_prob: float = 0.5,
 ) -> v2.Compose:
-    """The official training augmentation (SPEC §5.2), with every size configurable.
+    """The official training augmentation (docs/method.md, Data and augmentation), with every size
+    configurable.
 
     flip(p) -> one of, with p = 0.5 each: [shorter side in ``scales``, longer <= ``max_size``] or
     [shorter side in ``crop_resize_scales`` -> random crop of [crop_min_size, crop_max_size] ->

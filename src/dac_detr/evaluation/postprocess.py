@@ -14,10 +14,10 @@ METHODS = ("nms", "topk")
 class PostProcess(nn.Module):
     """Turn ``pred_logits`` / ``pred_boxes`` into scored, labelled xyxy boxes per image.
 
-    ``nms`` (the official ``NMSPostProcess``, SPEC §5.3): sigmoid scores of every (query, class)
-    pair, the top ``min(pre_topk, Q*C)`` of them, class-wise NMS at ``nms_iou`` on the boxes in
-    original-image pixels, then the best ``num_select``. (The official code takes a fixed top
-    10000 and crashes when Q*C is smaller.)
+    ``nms`` (the official ``NMSPostProcess``, docs/method.md, Evaluation and post-processing):
+    sigmoid scores of every (query, class) pair, the top ``min(pre_topk, Q*C)`` of them, class-wise
+    NMS at ``nms_iou`` on the boxes in original-image pixels, then the best ``num_select``. (The
+    official code takes a fixed top 10000 and crashes when Q*C is smaller.)
     ``topk`` (the DETR-pure ``PostProcess``): the top ``min(num_select, Q*C)`` pairs, no NMS.
 
     Boxes are scaled to the original image by ``orig_sizes`` and not clipped, as in the official

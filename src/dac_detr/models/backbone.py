@@ -1,6 +1,6 @@
 """Backbones of the detector: torchvision ResNet with frozen BatchNorm, and Swin (in ``swin.py``).
 
-Both return the stride-8/16/32 maps with their padding masks (SPEC §1.1):
+Both return the stride-8/16/32 maps with their padding masks (docs/method.md, Backbone):
 
     backbone = ResNetBackbone("resnet50", pretrained="torchvision")
     for feature, mask in backbone(images, pixel_mask):   # (B, C_i, h_i, w_i), (B, h_i, w_i)

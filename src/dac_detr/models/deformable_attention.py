@@ -14,10 +14,10 @@ from dac_detr.kernels import ms_deform_attn
 class MSDeformAttn(nn.Module):
     """Each query samples ``n_points`` locations per head and level around its reference.
 
-    Parameter names and init follow the official module (SPEC §1.4), so checkpoints map 1:1:
-    ``sampling_offsets`` (zero weight, bias pointing head h along angle 2πh/n_heads with point i
-    scaled by i+1), ``attention_weights`` (all zero: uniform attention at init), ``value_proj``
-    and ``output_proj`` (xavier-uniform weight, zero bias).
+    Parameter names and init follow the official module (docs/method.md, Encoder), so checkpoints
+    map 1:1: ``sampling_offsets`` (zero weight, bias pointing head h along angle 2πh/n_heads with
+    point i scaled by i+1), ``attention_weights`` (all zero: uniform attention at init),
+    ``value_proj`` and ``output_proj`` (xavier-uniform weight, zero bias).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,

@@ -1,4 +1,5 @@
-"""Contrastive denoising (CDN) queries, DINO style, as DAC-DETR builds them (SPEC §4.7)."""
+"""Contrastive denoising (CDN) queries, DINO style, as DAC-DETR builds them (docs/method.md,
+Contrastive denoising)."""
 
 from __future__ import annotations
 

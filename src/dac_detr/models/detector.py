@@ -46,8 +46,8 @@ class DACDETR(nn.Module):
             coarsest ones; more adds stride-2 3x3 convs, the first on the raw last map.
         num_queries: matching queries (two-stage: proposals selected from the encoder).
         two_stage / with_box_refine / mixed_selection / look_forward_twice: Deformable-DETR++
-            switches (SPEC §1.5-§1.7). ``mixed_selection`` only matters with two-stage and
-            ``look_forward_twice`` only with box refinement.
+            switches (docs/method.md, Two-stage proposals to Decoder). ``mixed_selection`` only
+            matters with two-stage and ``look_forward_twice`` only with box refinement.
         dn_number: CDN budget (up to 2·dn_number DN slots); 0 switches denoising off.
         dac_enabled: run the C-stream in training; False gives the baseline with the same code.
         share_layer0_self_attn: the C-stream starts from the O-stream's layer-0 post-self-attention
@@ -195,7 +195,7 @@ class DACDETR(nn.Module):
             pos_embeds.append(self.position_embedding(mask).to(feature.dtype))
         for lvl in range(self.num_backbone_levels, self.num_feature_levels):
             # the first extra level comes from the RAW last backbone map, later ones from the
-            # previous extra level (SPEC §1.2)
+            # previous extra level (docs/method.md, Input levels and positional encodings)
             src = self.input_proj[lvl](features[-1][0] if lvl == self.num_backbone_levels else srcs[-1])
             mask = F.interpolate(pixel_mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
             srcs.append(src)

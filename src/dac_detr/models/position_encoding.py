@@ -1,4 +1,5 @@
-"""Sine positional encodings: one for feature maps, one for boxes (SPEC §1.3)."""
+"""Sine positional encodings: one for feature maps, one for boxes (docs/method.md, Input levels and
+positional encodings)."""
 
 from __future__ import annotations
 

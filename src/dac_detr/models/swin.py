@@ -1,4 +1,5 @@
-"""Swin Transformer backbone (SPEC §1.1): timm's Swin modules, run with the official detection forward.
+"""Swin Transformer backbone (docs/method.md, Backbone): timm's Swin modules, run with the official
+detection forward.
 
 The modules and weights are timm's (``timm.create_model``), so timm's model names, hub weights
 and architecture arguments all work. The forward pass, though, follows the official

@@ -1,4 +1,4 @@
-"""Deformable transformer with the DAC dual decoder (SPEC §1.4-§1.7 and §2).
+"""Deformable transformer with the DAC dual decoder (docs/method.md, Encoder to The C-Decoder).
 
 Module names follow the official checkpoint (``transformer.encoder.layers.N.self_attn...``,
 ``transformer.decoder.layers.N.{cross_attn,norm1,self_attn,norm2,linear1,linear2,norm3}``,
@@ -100,7 +100,7 @@ class DeformableDecoderLayer(nn.Module):
     """One decoder layer, split into the two blocks the O- and C-streams share.
 
     O-stream: ``self_attention`` then ``cross_attention_ffn``; C-stream: ``cross_attention_ffn``
-    only, with the same module instances (SPEC §2.1).
+    only, with the same module instances (docs/method.md, The C-Decoder).
     """
 
     def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
@@ -145,7 +145,8 @@ def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
 
 
 class DACDecoder(nn.Module):
-    """Deformable decoder that runs the O-stream and, in training, the C-stream (SPEC §2)."""
+    """Deformable decoder that runs the O-stream and, in training, the C-stream (docs/method.md, The
+    C-Decoder)."""
 
     def __init__(self, num_layers: int, **layer_kwargs):
         super().__init__()
@@ -305,7 +306,7 @@ class DeformableTransformer(nn.Module):
         return src_flat, pos_flat, levels
 
     def encoder_proposals(self, memory: Tensor, levels: FlatLevels) -> tuple[Tensor, Tensor]:
-        """One proposal per encoder token (SPEC §1.5).
+        """One proposal per encoder token (docs/method.md, Two-stage proposals).
 
         Returns output_memory (B, S, d) = LN(Linear(memory with padded/invalid tokens zeroed)) and
         proposal logits (B, S, 4): centre of the cell in the un-padded frame, w = h = 0.05·2^l,
