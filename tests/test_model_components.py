@@ -145,7 +145,8 @@ def test_cdn_label_noise_rate_groups_and_edge_cases():
     assert build_cdn_queries([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
                              label_enc, 10, 5, 100, 0.5, 0.4) is None
     assert build_cdn_queries(targets, label_enc, 10, 5, 0, 0.5, 0.4) is None
-    assert build_cdn_queries(targets, label_enc, 10, 5, 3, 0.5, 0.4).num_groups == 1  # budget < S: one group
+    over_budget = build_cdn_queries(targets, label_enc, 10, 5, 3, 0.5, 0.4)  # budget 3 < S = 4
+    assert (over_budget.num_groups, over_budget.pad_size) == (1, 8)  # one group of 2·S > 2·dn_number slots
     with pytest.raises(ValueError, match="generator is on 'cpu' but the model is on 'meta'"):
         build_cdn_queries(targets, nn.Embedding(11, 8, device="meta"), 10, 5, 100, 0.5, 0.4,
                           generator=torch.Generator())

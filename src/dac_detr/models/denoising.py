@@ -47,12 +47,14 @@ def build_cdn_queries(
     """Noised GT copies to prepend to the matching queries; None when the batch has no GT.
 
     ``dn_number`` is the budget of positive+negative pairs: with S the largest GT count of an
-    image in the batch there are G = max(1, dn_number // S) groups, i.e. at most 2·dn_number
-    DN slots (the official 100 gives G = 200 // 2S). Label noise: each DN label is replaced, with
-    probability ``label_noise_ratio / 2``, by a uniform class in [0, num_classes). Box noise: each
-    xyxy corner moves by ±u·(w/2 or h/2)·``box_noise_scale``, u ~ U[0, 1) for positives and
-    U[1, 2) for negatives, then the box is clamped to the image. ``generator`` drives all noise.
-    The boxes and ``box_logits`` take the dtype of ``label_enc``'s weight, at least float32.
+    image in the batch there are G = max(1, dn_number // S) groups of 2·S slots (the official 100
+    gives G = 200 // 2S). That is at most 2·dn_number slots while S <= dn_number; an image with more
+    than dn_number objects gives one group of 2·S > 2·dn_number slots. Label noise: each DN
+    label is replaced, with probability ``label_noise_ratio / 2``, by a uniform class in
+    [0, num_classes). Box noise: each xyxy corner moves by ±u·(w/2 or h/2)·``box_noise_scale``,
+    u ~ U[0, 1) for positives and U[1, 2) for negatives, then the box is clamped to the image.
+    ``generator`` drives all noise. The boxes and ``box_logits`` take the dtype of ``label_enc``'s
+    weight, at least float32.
     """
     counts = [int(t["labels"].shape[0]) for t in targets]  # shapes: Python ints, no host sync
     single_pad = max(counts, default=0)

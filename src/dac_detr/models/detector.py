@@ -48,7 +48,8 @@ class DACDETR(nn.Module):
         two_stage / with_box_refine / mixed_selection / look_forward_twice: Deformable-DETR++
             switches (docs/method.md, Two-stage proposals to Decoder). ``mixed_selection`` only
             matters with two-stage and ``look_forward_twice`` only with box refinement.
-        dn_number: CDN budget (up to 2·dn_number DN slots); 0 switches denoising off.
+        dn_number: CDN budget: 2·S·max(1, dn_number // S) DN slots for S = the most GTs of an image
+            in the batch (at most 2·max(dn_number, S)); 0 switches denoising off.
         dac_enabled: run the C-stream in training; False gives the baseline with the same code.
         share_layer0_self_attn: the C-stream starts from the O-stream's layer-0 post-self-attention
             tensor (official); False starts it from the raw queries.
