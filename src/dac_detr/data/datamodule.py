@@ -214,6 +214,7 @@ class SyntheticCocoDataModule(CocoDataModule):
         image_size: int = 128,
         seed: int = 0,
         max_objects: int = 4,
+        small_fraction: float | None = None,
         label_mapping: str = "contiguous",
         train_scales: Sequence[int] = (96, 112, 128, 144, 160),
         train_max_size: int = 267,
@@ -227,7 +228,8 @@ class SyntheticCocoDataModule(CocoDataModule):
         from .synthetic import default_cache_dir, synthetic_folder_name
 
         self.synthetic_args = dict(
-            num_train=int(num_train), num_val=int(num_val), image_size=int(image_size), seed=int(seed), max_objects=int(max_objects)
+            num_train=int(num_train), num_val=int(num_val), image_size=int(image_size), seed=int(seed), max_objects=int(max_objects),
+            small_fraction=None if small_fraction is None else float(small_fraction),
         )
         if root is None:
             root = default_cache_dir() / synthetic_folder_name(**self.synthetic_args)

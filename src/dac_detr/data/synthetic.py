@@ -49,7 +49,21 @@ EMPTY_IMAGE_FRACTION = 0.05
 # Share of objects drawn from COCO's small / medium / large ranges (when the image allows all three).
 SIZE_MIX = {"small": 0.25, "medium": 0.6, "large": 0.15}
 
-DEFAULTS = {"num_train": 1500, "num_val": 100, "image_size": 128, "seed": 0, "max_objects": 4}
+DEFAULTS = {"num_train": 1500, "num_val": 100, "image_size": 128, "seed": 0, "max_objects": 4, "small_fraction": None}
+
+
+def size_mix(ranges: dict[str, tuple[int, int]], small_fraction: float | None = None) -> np.ndarray:
+    """Probability of each of ``ranges``' area ranges (in its order) for one object's size.
+
+    ``small_fraction=None`` keeps ``SIZE_MIX``; a number gives the small range that share and
+    splits the rest between the other ranges in ``SIZE_MIX``'s proportions (a harder set).
+    """
+    weights = {name: SIZE_MIX[name] for name in ranges}
+    if small_fraction is not None and "small" in weights and len(weights) > 1:
+        rest = sum(w for name, w in weights.items() if name != "small")
+        weights = {name: (small_fraction if name == "small" else (1 - small_fraction) * w / rest) for name, w in weights.items()}
+    mix = np.array(list(weights.values()), dtype=np.float64)
+    return mix / mix.sum()
 
 
 def size_ranges(image_size: int) -> dict[str, tuple[int, int]]:
@@ -126,18 +140,20 @@ def _boxes_touch(a: tuple[int, int, int, int], b: tuple[int, int, int, int], mar
     return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
 
 
-def render_image(rng: np.random.Generator, size: int, max_objects: int = 4) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
+def render_image(
+    rng: np.random.Generator, size: int, max_objects: int = 4, small_fraction: float | None = None
+) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """One image: (size, size, 3) uint8 and a list of (category id, [x, y, w, h] of the visible pixels)."""
     image = _background(rng, size)
     num_objects = 0 if rng.random() < EMPTY_IMAGE_FRACTION else int(rng.integers(1, max_objects + 1))
     ranges = size_ranges(size)
     names = list(ranges)
-    mix = np.array([SIZE_MIX[n] for n in names])
+    mix = size_mix(ranges, small_fraction)
     shortest = min(r[0] for r in ranges.values())
     plans = []
     for _ in range(num_objects):
         cls = int(rng.integers(len(CLASSES)))
-        lo, hi = ranges[names[int(rng.choice(len(names), p=mix / mix.sum()))]]
+        lo, hi = ranges[names[int(rng.choice(len(names), p=mix))]]
         side = int(rng.integers(lo, hi + 1))
         w = h = side
         if CLASSES[cls][0] == "bar":  # a long thin rectangle, horizontal or vertical, >= 4 px thick
@@ -175,7 +191,9 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int = 4) -> t
     return np.clip(np.round(image), 0, 255).astype(np.uint8), annotations
 
 
-def write_split(out_dir: Path, split: str, num_images: int, image_size: int, seed: int, max_objects: int) -> None:
+def write_split(
+    out_dir: Path, split: str, num_images: int, image_size: int, seed: int, max_objects: int, small_fraction: float | None = None
+) -> None:
     """Write ``out_dir/{split}2017/*.jpg`` and ``out_dir/annotations/instances_{split}2017.json``."""
     from PIL import Image
 
@@ -185,7 +203,7 @@ def write_split(out_dir: Path, split: str, num_images: int, image_size: int, see
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
-        pixels, objects = render_image(rng, image_size, max_objects)
+        pixels, objects = render_image(rng, image_size, max_objects, small_fraction)
         image_id = i + 1
         file_name = f"{image_id:012d}.jpg"
         # 4:4:4 chroma keeps the colours of small objects crisp.
@@ -213,13 +231,15 @@ def write_split(out_dir: Path, split: str, num_images: int, image_size: int, see
         json.dump(data, f)
 
 
-def _check_args(num_train: int, num_val: int, image_size: int, max_objects: int) -> None:
+def _check_args(num_train: int, num_val: int, image_size: int, max_objects: int, small_fraction: float | None = None) -> None:
     if num_train < 1 or num_val < 1:
         raise ValueError(f"The synthetic set needs at least one train and one val image, got {num_train} and {num_val}.")
     if image_size < 32:
         raise ValueError(f"The synthetic image size must be at least 32 px, got {image_size}.")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}.")
+    if small_fraction is not None and not 0.0 <= small_fraction <= 1.0:
+        raise ValueError(f"small_fraction must be between 0 and 1 (or null for the default mix), got {small_fraction}.")
 
 
 def generate_synthetic_coco(
@@ -229,23 +249,24 @@ def generate_synthetic_coco(
     image_size: int = DEFAULTS["image_size"],
     seed: int = DEFAULTS["seed"],
     max_objects: int = DEFAULTS["max_objects"],
+    small_fraction: float | None = DEFAULTS["small_fraction"],
 ) -> Path:
     """Write the data set into ``out_dir`` atomically: into a temporary sibling, then one rename.
 
     ``out_dir`` must not exist yet (or be empty). An interrupted run leaves only a temporary
     folder behind, never a half-written ``out_dir``. Returns ``out_dir``.
     """
-    _check_args(num_train, num_val, image_size, max_objects)
+    _check_args(num_train, num_val, image_size, max_objects, small_fraction)
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose another folder or delete it.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        write_split(tmp, "train", num_train, image_size, seed, max_objects)
-        write_split(tmp, "val", num_val, image_size, seed, max_objects)
+        write_split(tmp, "train", num_train, image_size, seed, max_objects, small_fraction)
+        write_split(tmp, "val", num_val, image_size, seed, max_objects, small_fraction)
         params = {"generator_version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
-                  "image_size": image_size, "seed": seed, "max_objects": max_objects}
+                  "image_size": image_size, "seed": seed, "max_objects": max_objects, "small_fraction": small_fraction}
         (tmp / "synthetic.json").write_text(json.dumps(params, indent=1))
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
@@ -264,8 +285,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "dac_detr"
 
 
-def synthetic_folder_name(num_train: int, num_val: int, image_size: int, seed: int, max_objects: int) -> str:
-    return f"synthetic-coco-v{GENERATOR_VERSION}-s{image_size}-train{num_train}-val{num_val}-obj{max_objects}-seed{seed}"
+def synthetic_folder_name(
+    num_train: int, num_val: int, image_size: int, seed: int, max_objects: int, small_fraction: float | None = None
+) -> str:
+    name = f"synthetic-coco-v{GENERATOR_VERSION}-s{image_size}-train{num_train}-val{num_val}-obj{max_objects}-seed{seed}"
+    return name if small_fraction is None else f"{name}-small{small_fraction:g}"
 
 
 def ensure_synthetic_coco(
@@ -275,6 +299,7 @@ def ensure_synthetic_coco(
     image_size: int = DEFAULTS["image_size"],
     seed: int = DEFAULTS["seed"],
     max_objects: int = DEFAULTS["max_objects"],
+    small_fraction: float | None = DEFAULTS["small_fraction"],
 ) -> Path:
     """The synthetic data set's folder, generated on first use and reused afterwards.
 
@@ -282,15 +307,15 @@ def ensure_synthetic_coco(
     exists only once generation has finished (atomic rename), so an interrupted generation is
     never reused; when several processes race, the first rename wins and the others reuse it.
     """
-    _check_args(num_train, num_val, image_size, max_objects)
+    _check_args(num_train, num_val, image_size, max_objects, small_fraction)
     folder = Path(root).expanduser() if root is not None else default_cache_dir() / synthetic_folder_name(
-        num_train, num_val, image_size, seed, max_objects
+        num_train, num_val, image_size, seed, max_objects, small_fraction
     )
     if (folder / "annotations" / "instances_val2017.json").is_file():
         return folder
     log.info("Generating the synthetic data set (%d train / %d val images of %d px) in %s", num_train, num_val, image_size, folder)
     try:
-        return generate_synthetic_coco(folder, num_train, num_val, image_size, seed, max_objects)
+        return generate_synthetic_coco(folder, num_train, num_val, image_size, seed, max_objects, small_fraction)
     except (FileExistsError, OSError):
         if (folder / "annotations" / "instances_val2017.json").is_file():
             return folder  # another process finished first
@@ -308,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="image side in pixels")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--max-objects", type=int, default=DEFAULTS["max_objects"], help="most objects per image")
+    parser.add_argument("--small-fraction", type=float, default=None, help="share of COCO-small objects (default: the built-in mix)")
     args = parser.parse_args(argv)
     try:
-        out = generate_synthetic_coco(args.out_dir, args.train, args.val, args.image_size, args.seed, args.max_objects)
+        out = generate_synthetic_coco(
+            args.out_dir, args.train, args.val, args.image_size, args.seed, args.max_objects, args.small_fraction
+        )
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
