@@ -127,3 +127,22 @@ def test_command_line(tmp_path, capsys):
     assert main([str(tmp_path / "cli"), "--train", "3", "--val", "2"]) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
     assert main([str(tmp_path / "tiny"), "--image-size", "8"]) == 2
+
+
+def test_small_fraction_makes_a_harder_set(tmp_path):
+    """small_fraction raises the share of COCO-small objects; the default mix is unchanged."""
+
+    def small_share(**kwargs) -> float:
+        out = generate_synthetic_coco(tmp_path / str(len(list(tmp_path.iterdir()))), num_train=1, num_val=120, image_size=64, seed=0,
+                                      max_objects=8, **kwargs)
+        areas = [a["area"] for a in json.loads((out / "annotations" / "instances_val2017.json").read_text())["annotations"]]
+        return sum(a < 32 * 32 for a in areas) / len(areas)
+
+    default, harder = small_share(), small_share(small_fraction=0.9)
+    assert harder > default + 0.2, (default, harder)
+    assert synthetic.size_mix(size_ranges(128), None).tolist() == pytest.approx([0.25, 0.6, 0.15])
+    assert synthetic.size_mix(size_ranges(128), 0.5).tolist() == pytest.approx([0.5, 0.5 * 0.6 / 0.75, 0.5 * 0.15 / 0.75])
+    assert synthetic.synthetic_folder_name(10, 5, 64, 0, 8) == "synthetic-coco-v3-s64-train10-val5-obj8-seed0"
+    assert synthetic.synthetic_folder_name(10, 5, 64, 0, 8, 0.6).endswith("-seed0-small0.6")
+    with pytest.raises(ValueError, match="small_fraction"):
+        generate_synthetic_coco(tmp_path / "bad", num_train=1, num_val=1, image_size=64, small_fraction=1.5)
