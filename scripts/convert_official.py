@@ -11,24 +11,25 @@ official sizes (num_classes=91) and the matching backbone.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from dac_detr.models.convert import NotAnOfficialCheckpointError, convert_official_checkpoint
+from dac_detr.models.convert import convert_official_checkpoint
+from dac_detr.utils.task import task_wrapper
 
 
+@task_wrapper
 def main(argv: list[str] | None = None) -> int:
+    """Returns 0; a missing, unreadable or non-official file ends with its message and exit code 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="official checkpoint (.pth saved by the official main.py)")
     parser.add_argument("dst", help="where to write the converted state dict")
     args = parser.parse_args(argv)
-    try:
-        state_dict = convert_official_checkpoint(args.src, args.dst)
-    except (NotAnOfficialCheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    state_dict = convert_official_checkpoint(args.src, args.dst)
     print(f"wrote {len(state_dict)} tensors to {args.dst}")
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
     sys.exit(main())

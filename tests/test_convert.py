@@ -106,7 +106,7 @@ def test_r50_reference_state_dict_loads_strictly_and_round_trips(r50_model, tmp_
     assert torch.equal(r50_model.state_dict()["transformer.level_embed"], official["transformer.level_embed"])
 
 
-def test_wrong_files_give_a_clear_error(r50_model, tmp_path, capsys):
+def test_wrong_files_give_a_clear_error(r50_model, tmp_path, caplog):
     ours = tmp_path / "ours.pth"
     torch.save({"model": r50_model.state_dict()}, ours)
     with pytest.raises(NotAnOfficialCheckpointError, match="not an official DAC-DETR checkpoint"):
@@ -115,12 +115,14 @@ def test_wrong_files_give_a_clear_error(r50_model, tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(NotAnOfficialCheckpointError, match="garbage.pth"):
         read_official_checkpoint(garbage)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(NotAnOfficialCheckpointError, match="missing.pth does not exist"):
         read_official_checkpoint(tmp_path / "missing.pth")
     with pytest.raises(NotAnOfficialCheckpointError, match="not an official DAC-DETR state dict"):
         official_to_ours({"weight": torch.zeros(1)})
-    assert convert_cli(str(ours), str(tmp_path / "out.pth")) == 2
-    assert "not an official DAC-DETR checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the entry points' error boundary: one line, exit code 1
+        convert_cli(str(ours), str(tmp_path / "out.pth"))
+    assert exit_info.value.code == 1
+    assert "not an official DAC-DETR checkpoint" in caplog.text
     assert not (tmp_path / "out.pth").exists()
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.checkpoint import CheckpointError, compare_state_dicts, read_checkpoint_file
+
 log = logging.getLogger(__name__)
 
 
@@ -86,7 +88,7 @@ def resize_padding_mask(pixel_mask: Tensor, size: tuple[int, int] | torch.Size) 
 # --------------------------------------------------------------------------- pretrained weights
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(CheckpointError, RuntimeError):
     """Pretrained weights were asked for but cannot be read or downloaded."""
 
 
@@ -106,20 +108,13 @@ def read_checkpoint(path: str | os.PathLike, *, what: str, config_key: str) -> d
     Accepts a plain state dict or a dict holding it under ``'model'`` or ``'state_dict'``.
     ``what`` and ``config_key`` only make the error messages precise.
     """
-    path = os.fspath(os.path.expanduser(path))
-    if not os.path.isfile(path):
-        raise PretrainedWeightsUnavailable(
-            f"pretrained {what} weights: no file at '{path}'. Put the checkpoint there or set "
-            f"{config_key}=<path to the .pth file> (or {config_key}=null for random init)."
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file name and the fix
-        raise PretrainedWeightsUnavailable(
-            f"pretrained {what} weights: could not read '{path}' as a PyTorch checkpoint "
-            f"({type(error).__name__}: {error}). Supply a state-dict .pth file via {config_key}."
-        ) from error
-    return unwrap_state_dict(checkpoint, source=path)
+    checkpoint = read_checkpoint_file(
+        path,
+        error=PretrainedWeightsUnavailable,
+        fix=f"Pretrained {what} weights: put a state-dict .pth file there and set {config_key}=<path to the .pth "
+        f"file> (or {config_key}=null for random init).",
+    )
+    return unwrap_state_dict(checkpoint, source=os.fspath(path))
 
 
 def unwrap_state_dict(checkpoint: object, *, source: str) -> dict[str, Tensor]:
@@ -157,27 +152,17 @@ def load_matching_weights(
     as a WARNING listing them (they stay in the report either way). A shape mismatch is an
     error: it means the checkpoint is for another architecture.
     """
-    own = module.state_dict()
-    report = LoadReport()
-    to_load: dict[str, Tensor] = {}
-    mismatched: list[str] = []
-    for name, tensor in state_dict.items():
-        if ignore(name):
-            report.ignored.append(name)
-        elif name not in own:
-            report.unexpected.append(name)
-        elif tuple(own[name].shape) != tuple(tensor.shape):
-            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
-        else:
-            to_load[name] = tensor
-    if mismatched:
-        listing = "\n  ".join(mismatched)
-        raise ValueError(
-            f"pretrained weights from '{source}' do not fit this backbone ({len(mismatched)} shape "
+    report = LoadReport(ignored=[name for name in state_dict if ignore(name)])
+    candidates = {name: tensor for name, tensor in state_dict.items() if not ignore(name)}
+    diff = compare_state_dicts(module.state_dict(), candidates)
+    if diff.mis_shaped:
+        listing = "\n  ".join(diff.mis_shaped)
+        raise CheckpointError(
+            f"pretrained weights from '{source}' do not fit this backbone ({len(diff.mis_shaped)} shape "
             f"mismatches):\n  {listing}\nCheck that the checkpoint is for the configured architecture."
         )
-    report.missing = [name for name in own if name not in to_load]
-    report.loaded = list(to_load)
+    to_load = {name: candidates[name] for name in diff.fitting}
+    report.unexpected, report.missing, report.loaded = diff.unexpected, diff.missing, diff.fitting
     # strict=False only because `missing` is reported above; every loaded name exists and fits.
     module.load_state_dict(to_load, strict=False)
     if report.ignored:

@@ -13,12 +13,13 @@ Checkpoints are read with ``torch.load(weights_only=True)``: no code from the fi
 from __future__ import annotations
 
 import argparse
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..utils.checkpoint import CheckpointError, compare_state_dicts, read_checkpoint_file
 
 OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
 OUR_BACKBONE_PREFIX = "backbone.body."
@@ -29,7 +30,7 @@ OFFICIAL_MARKERS = ("transformer.level_embed", "class_embed.0.weight", "transfor
                     "label_enc.weight")
 
 
-class NotAnOfficialCheckpointError(ValueError):
+class NotAnOfficialCheckpointError(CheckpointError):
     """The file or state dict is not an official DAC-DETR checkpoint."""
 
 
@@ -107,25 +108,16 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
     Read with ``weights_only=True``. The official main.py also pickles its ``argparse.Namespace``
     under 'args', which the safe loader refuses by default; that one class only carries plain
-    values, so it is allow-listed (nothing else is) and only 'model' is kept.
+    values, so it is allow-listed (nothing else is) and only 'model' is kept. A missing or
+    unreadable file is a NotAnOfficialCheckpointError too (a CheckpointError: the entry points
+    print its message alone).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        hint = ""
-        if "global" in str(err).lower():
-            hint = ("\nIt stores Python objects beyond tensors and the allow-listed argparse.Namespace. If you "
-                    "trust the file, keep only its weights: python -c \"import torch; torch.save({'model': "
-                    f"torch.load('{path}', weights_only=False)['model']}}, 'model_only.pth')\" and convert "
-                    "model_only.pth.")
-        raise NotAnOfficialCheckpointError(
-            f"{path} could not be read with torch.load(weights_only=True): {err}{hint}") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise NotAnOfficialCheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    checkpoint = read_checkpoint_file(
+        path,
+        error=NotAnOfficialCheckpointError,
+        allowed_globals=[argparse.Namespace],
+        fix="Give the .pth file saved by the official main.py.",
+    )
     if isinstance(checkpoint, Mapping) and "model" in checkpoint:
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, Mapping) or not is_official_state_dict(checkpoint):
@@ -146,18 +138,11 @@ def load_official(model: nn.Module, path_or_state_dict: str | Path | Mapping[str
     official = (path_or_state_dict if isinstance(path_or_state_dict, Mapping)
                 else read_official_checkpoint(path_or_state_dict))
     ours = official_to_ours(official)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    mis_shaped = [f"{k}: file {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in ours and ours[k].shape != expected[k].shape]
-    if missing or unexpected or mis_shaped:
-        raise ValueError(
+    diff = compare_state_dicts(model.state_dict(), ours)
+    if not diff.complete:
+        raise CheckpointError(
             "the official checkpoint does not fit this model (build it with the official sizes: "
-            "num_classes=91, 900 queries, 4 levels, the matching backbone):\n"
-            f"  missing: {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)})\n"
-            f"  unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})\n"
-            f"  shape mismatch: {mis_shaped[:10]} ({len(mis_shaped)})")
+            f"num_classes=91, 900 queries, 4 levels, the matching backbone):\n{diff.listing(10)}")
     model.load_state_dict(ours, strict=True, assign=assign)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-import torch
 import yaml
+
+from .checkpoint import read_checkpoint_file
 
 # Overrides that may differ between the interrupted run and its continuation.
 _IGNORED_OVERRIDE_KEYS = {"ckpt_path", "resume", "trainer.max_epochs", "hydra.run.dir", "hydra.sweep.dir"}
@@ -41,5 +42,7 @@ def find_last_checkpoint(search_dir: str | Path, overrides: Iterable[str]) -> Op
 
 def read_checkpoint_metadata(path: str | Path) -> dict:
     """The ``dac_detr`` entry of a checkpoint (config, class names, W&B run id), memory-mapped."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = read_checkpoint_file(
+        path, trusted=True, mmap=True, fix="Resume from a last.ckpt written by dac_detr.train (ckpt_path=PATH or last)."
+    )
     return dict(checkpoint.get("dac_detr") or {})
