@@ -227,19 +227,23 @@ class DACDETR(nn.Module):
     def _ddp_anchor(self) -> Tensor:
         """A zero that depends on every parameter some training batches do not use.
 
-        DDP (without find_unused_parameters) fails when a parameter gets no gradient: the label
-        book is unused by a batch without GT (no DN queries), and so is ``pos_trans`` when only the
-        DN queries need it (no two-stage). Adding 0·(one entry of each) to the layer-0 output gives
-        them an exact zero gradient every step (the official adds label_enc.weight[0, 0] * 0).
+        DDP without the unused-parameter search (``trainer=ddp``) fails when a parameter gets no
+        gradient: the label book is unused by a batch without GT (no DN queries), and so are
+        ``pos_trans`` / ``pos_trans_norm`` (weights and biases) when only the DN queries need them
+        (no two-stage). Adding 0·(one entry of each) to the layer-0 output gives them an exact zero
+        gradient every step (the official adds label_enc.weight[0, 0] * 0). Every other parameter
+        reaches the loss even when no image of the batch has an object
+        (tests/test_ddp.py checks both with 2 processes).
         """
-        params = []
+        modules: list[nn.Module] = []
         if self.dn_number > 0:
-            params.append(self.label_enc.weight)
+            modules.append(self.label_enc)
             if not self.two_stage:
-                params += [self.transformer.pos_trans.weight, self.transformer.pos_trans_norm.weight]
+                modules += [self.transformer.pos_trans, self.transformer.pos_trans_norm]
         anchor = self.class_embed[0].bias.new_zeros(())
-        for p in params:
-            anchor = anchor + p.view(-1)[0] * 0.0
+        for module in modules:
+            for p in module.parameters():
+                anchor = anchor + p.view(-1)[0] * 0.0
         return anchor
 
 
