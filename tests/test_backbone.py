@@ -15,14 +15,14 @@ from torchvision.ops import FrozenBatchNorm2d
 from dac_detr.models.backbone import PretrainedWeightsUnavailable, ResNetBackbone
 
 REPO = Path(__file__).resolve().parents[1]
-# Copies of shared/reference (the official state-dict names and shapes), kept with the tests.
+# The official checkpoints' state-dict listings (every name with its shape), kept with the tests.
 REFERENCE = Path(__file__).parent / "data" / "reference"
 
 
 def official_entries(file_name: str, prefix: str = "backbone.0.body.") -> list[tuple[str, tuple[int, ...]]]:
     """(name without prefix, shape) of every backbone entry of an official state-dict listing."""
     path = REFERENCE / file_name
-    assert path.is_file(), f"reference listing {path} is missing (a copy of shared/reference belongs in tests/data)"
+    assert path.is_file(), f"reference listing {path} is missing (the official state-dict listings belong in tests/data/reference)"
     entries = []
     for line in path.read_text().splitlines():
         if line.startswith(prefix):

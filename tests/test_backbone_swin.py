@@ -22,7 +22,7 @@ from dac_detr.models.backbone import (
 from dac_detr.models.swin import relative_position_index
 
 REPO = Path(__file__).resolve().parents[1]
-# Copies of shared/reference (the official state-dict names and shapes), kept with the tests.
+# The official checkpoints' state-dict listings (every name with its shape), kept with the tests.
 REFERENCE = Path(__file__).parent / "data" / "reference"
 TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7, pretrain_img_size=224)
 
@@ -33,7 +33,7 @@ def tiny_swin(**overrides) -> SwinBackbone:
 
 def official_backbone_entries(file_name: str) -> dict[str, tuple[tuple[int, ...], str]]:
     path = REFERENCE / file_name
-    assert path.is_file(), f"reference listing {path} is missing (a copy of shared/reference belongs in tests/data)"
+    assert path.is_file(), f"reference listing {path} is missing (the official state-dict listings belong in tests/data/reference)"
     prefix = "backbone.0.body."
     entries = {}
     for line in path.read_text().splitlines():

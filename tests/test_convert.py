@@ -1,4 +1,4 @@
-"""Official-checkpoint import: names and shapes from shared/reference, strict load, exact round trip."""
+"""Official-checkpoint import: names and shapes from the official state-dict listings, strict load, exact round trip."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dac_detr.models.convert import (
 )
 from dac_detr.models.swin import relative_position_index
 
-# Copies of the official name/shape lists (shared/reference) are kept with the tests;
+# The official name/shape lists (tests/data/reference) are kept with the tests;
 # DAC_DETR_REFERENCE_DIR points elsewhere.
 REFERENCE = Path(os.environ.get("DAC_DETR_REFERENCE_DIR", Path(__file__).parent / "data" / "reference"))
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def r50_model():
 
 
 def test_r50_parameter_count_equals_official(r50_model):
-    # shared/reference/official_r50_state_dict.txt header: 47,739,225 total, 47,516,825 trainable
+    # tests/data/reference/official_r50_state_dict.txt header: 47,739,225 total, 47,516,825 trainable
     assert sum(p.numel() for p in r50_model.parameters()) == 47_739_225
     assert sum(p.numel() for p in r50_model.parameters() if p.requires_grad) == 47_516_825
 
@@ -142,7 +142,7 @@ def test_swin_l_reference_state_dict_loads_strictly_and_round_trips():
     # built on the meta device: Swin-L's random init alone takes ~25 s on 2 cores
     with torch.device("meta"):
         model = DACDETR(SwinBackbone(pretrained=None), num_classes=91)
-    # shared/reference/official_swin_l_state_dict.txt header: 218,076,109 parameters, all trainable
+    # tests/data/reference/official_swin_l_state_dict.txt header: 218,076,109 parameters, all trainable
     assert sum(p.numel() for p in model.parameters()) == 218_076_109
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 218_076_109
     entries = reference_entries("official_swin_l_state_dict.txt")
