@@ -5,17 +5,23 @@ The official R50 training shape: batch 2, 900 queries, 91 classes, 6 decoder lay
 200 DN slots), two-stage encoder outputs over all encoder tokens (~20k for a ~800x1100 image:
 100x138 + 50x69 + 25x35 + 13x18 = 18,508), and 20 objects per image.
 
-    python scripts/bench_criterion.py [--device cpu|cuda] [--repeats 5] [--tokens 18508]
+    python scripts/bench_criterion.py [--device cpu|cuda] [--repeats 5] [--tokens 18508] [--no-reference]
 
-Prints the median wall time of the forward pass and of forward + backward, and the number of
-loss terms.
+Prints the median wall time of the forward pass and of forward + backward, the number of
+operator calls of one forward + backward (top-level ``aten::`` calls under ``torch.profiler``: a
+proxy for GPU kernel launches) and the number of loss terms, for the package's batched criterion
+and, side by side in the same run (interleaved repeats), for the frozen per-layer reference
+``tests/reference_criterion.py`` (the criterion before batching). The two must give the same
+total loss.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -70,6 +76,29 @@ def leaves(outputs) -> list[torch.Tensor]:
     return found
 
 
+def reference_criterion(num_classes: int):
+    """The frozen per-layer criterion of tests/reference_criterion.py, same settings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import reference_criterion as reference
+
+    return reference.SetCriterion(num_classes, reference.HungarianMatcher(), reference.OneToManyAssigner())
+
+
+def operator_calls(run) -> int:
+    """Top-level aten:: calls (not nested in another aten:: call) of ``run()``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    count = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -81,12 +110,15 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--no-reference", action="store_true", help="time the package's criterion only")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    criterion = SetCriterion(args.classes, HungarianMatcher(), OneToManyAssigner())
+    criteria = {"batched": SetCriterion(args.classes, HungarianMatcher(), OneToManyAssigner())}
+    if not args.no_reference:
+        criteria["per-layer reference"] = reference_criterion(args.classes)
     outputs, targets = build_inputs(args.batch, args.queries, args.classes, args.layers, args.tokens,
                                     args.objects, device)
     generator = torch.Generator(device=device)
@@ -95,9 +127,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    forward_times, total_times = [], []
-    for step in range(args.repeats + 1):  # the first run warms up
-        generator.manual_seed(step)
+    def step(criterion, seed):
+        generator.manual_seed(seed)
         for t in leaves(outputs):
             t.grad = None
         sync()
@@ -108,20 +139,34 @@ def main() -> None:
         mid = time.perf_counter()
         loss.backward()
         sync()
-        end = time.perf_counter()
-        if step > 0:
-            forward_times.append(mid - start)
-            total_times.append(end - start)
+        return mid - start, time.perf_counter() - start, terms, loss
 
-    num_terms = sum(k.startswith("loss_") for k in terms)
+    times = {name: ([], []) for name in criteria}
+    results = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up; the criteria alternate
+        for name, criterion in criteria.items():
+            forward, total, terms, loss = step(criterion, repeat)
+            results[name] = (terms, loss)
+            if repeat > 0:
+                times[name][0].append(forward)
+                times[name][1].append(total)
+    calls = {name: operator_calls(lambda c=criterion: step(c, 0)) for name, criterion in criteria.items()}
+
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} queries={args.queries} "
           f"classes={args.classes} layers={args.layers} enc_tokens={args.tokens} objects/image={args.objects} "
-          f"dn_groups={outputs['dn_meta']['num_groups']}")
-    print(f"loss terms: {num_terms}, total loss {loss.item():.4f}")
-    print(f"criterion forward: median {statistics.median(forward_times) * 1e3:.1f} ms "
-          f"(min {min(forward_times) * 1e3:.1f}) over {args.repeats} runs")
-    print(f"forward + backward: median {statistics.median(total_times) * 1e3:.1f} ms "
-          f"(min {min(total_times) * 1e3:.1f})")
+          f"dn_groups={outputs['dn_meta']['num_groups']}, {args.repeats} interleaved repeats")
+    print(f"| {'criterion':20} | {'terms':>5} | {'total loss':>12} | {'forward ms':>10} | {'fwd+bwd ms':>10} | {'aten calls':>10} |")
+    print(f"|{'-' * 22}|{'-' * 7}|{'-' * 14}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    for name in criteria:
+        terms, loss = results[name]
+        num_terms = sum(k.startswith("loss_") for k in terms)
+        print(f"| {name:20} | {num_terms:5d} | {loss.item():12.4f} | {statistics.median(times[name][0]) * 1e3:10.1f} | "
+              f"{statistics.median(times[name][1]) * 1e3:10.1f} | {calls[name]:10d} |")
+    if len(criteria) == 2:
+        (new, old) = criteria
+        ratio = statistics.median(times[old][1]) / statistics.median(times[new][1])
+        print(f"batched vs reference: forward + backward {ratio:.2f}x faster, "
+              f"{calls[old] / calls[new]:.2f}x fewer operator calls")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from dac_detr.boxes import box_cxcywh_to_xyxy, box_iou
+from dac_detr.boxes import box_cxcywh_to_xyxy, elementwise_box_iou
+from dac_detr.losses.pairs import LayerPairs
 
 
 class OneToManyAssigner(nn.Module):
@@ -66,22 +67,16 @@ class OneToManyAssigner(nn.Module):
 
     @torch.no_grad()
     def scores(self, logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor) -> Tensor:
-        """S = w_cls · sigmoid(logits)[:, c_g] + w_iou · IoU(boxes, G_g).
+        """S = w_cls · sigmoid(logits)[:, c_g] + w_iou · IoU(boxes, G_g), see :func:`one_to_many_scores`.
 
-        Shapes: logits (Q, C), boxes (Q, 4) cxcywh, gt_labels (M,), gt_boxes (M, 4) cxcywh
-        -> (M, Q) scores in [0, w_cls + w_iou].
+        Shapes: logits (..., Q, C), boxes (..., Q, 4) cxcywh, gt_labels (..., M), gt_boxes (..., M, 4)
+        cxcywh -> (..., M, Q) scores in [0, w_cls + w_iou].
         """
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits, boxes = logits.float(), boxes.float()
-        prob = logits.detach().sigmoid()[:, gt_labels].T  # (M, Q)
-        gt_xyxy = box_cxcywh_to_xyxy(gt_boxes.to(boxes.dtype))
-        iou = box_iou(gt_xyxy, box_cxcywh_to_xyxy(boxes.detach()))  # (M, Q)
-        w_cls, w_iou = self.score_weights
-        return w_cls * prob + w_iou * iou
+        return one_to_many_scores(logits, boxes, gt_labels, gt_boxes, self.score_weights)
 
     @torch.no_grad()
     def assign_scores(self, scores: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Steps 2-5 on a given score matrix.
+        """Steps 2-5 on one image's score matrix.
 
         Args:
             scores: (M, Q) score of every (GT, query) pair, higher is better.
@@ -91,31 +86,73 @@ class OneToManyAssigner(nn.Module):
             (query_idx, gt_idx), int64 (K,) on ``scores``' device, grouped by GT ascending and
             within a GT by descending score (ties: the lower query index first).
         """
-        device = scores.device
-        num_gt, num_queries = scores.shape
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        if num_gt == 0 or num_queries == 0:
-            return empty, empty
+        pairs = self.assign_layers(scores[None, None], (scores.shape[0],), generator)
+        return pairs.query_idx, pairs.gt_idx
 
-        best_gt = scores.argmax(dim=0)  # per query: its argmax GT m(q) (ties: the lower GT index)
-        best_score = scores.gather(0, best_gt[None]).squeeze(0)
-        positive = best_score >= self.threshold
+    @torch.no_grad()
+    def assign_layers(self, scores: Tensor, sizes: Sequence[int], generator: torch.Generator | None = None
+                      ) -> LayerPairs:
+        """Steps 2-5 for L stacked layers and B images at once.
+
+        Args:
+            scores: (L, B, M, Q) scores, GTs padded to M = max(sizes) (padded rows are ignored).
+            sizes: the B images' GT counts.
+            generator: see :meth:`assign_scores`. The positive cap draws one permutation for
+                every (layer, image) over the cap, in layer-major then image order, exactly the
+                draws of assigning each layer and image on its own.
+        Returns:
+            :class:`LayerPairs` ordered by layer, image, GT ascending, then descending score
+            (ties: the lower query index first).
+        """
+        device = scores.device
+        num_layers, batch, max_gt, num_queries = scores.shape
+        valid = torch.arange(max_gt, device=device)[None, :] < torch.tensor(list(sizes), device=device)[:, None]
+        if max_gt == 0 or num_queries == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return LayerPairs(empty, empty, empty, empty, num_layers)
+        valid = valid[None].expand(num_layers, batch, max_gt)
+        # padded GTs score -inf, so no query takes one as its argmax GT (real scores are >= 0)
+        masked = scores.masked_fill(~valid[..., None], float("-inf"))
+        best_gt = masked.argmax(dim=2)  # (L, B, Q) per query: m(q) (ties: the lower GT index)
+        best_score = masked.gather(2, best_gt[:, :, None]).squeeze(2)
+        has_gt = torch.tensor([n > 0 for n in sizes], device=device)[None, :, None]
+        positive = (best_score >= self.threshold) & has_gt
         if self.low_quality_matches:
-            positive[scores.argmax(dim=1)] = True  # each GT's top-1 query (ties: the lower index); it keeps m(q)
-        pos_queries = positive.nonzero().squeeze(1)
-        if self.max_positives is not None and pos_queries.numel() > self.max_positives:
-            perm_device = generator.device if generator is not None else device
-            perm = torch.randperm(pos_queries.numel(), generator=generator, device=perm_device)
-            pos_queries = pos_queries[perm[: self.max_positives].to(device)]
-        per_gt = torch.bincount(best_gt[pos_queries], minlength=num_gt)  # n_g
+            # each GT's top-1 query (ties: the lower index) is positive; it keeps its own m(q)
+            top_query = scores.argmax(dim=3)  # (L, B, M)
+            forced = torch.zeros_like(best_gt).scatter_add_(2, top_query, valid.long())
+            positive |= forced > 0
+        if self.max_positives is not None and num_queries > self.max_positives:
+            positive = self._cap(positive, generator)
+        per_gt = torch.zeros_like(valid, dtype=torch.int64).scatter_add_(2, best_gt, positive.long())  # n_g
 
         k = min(self.topk, num_queries)
         # a stable descending sort (rather than topk) makes the order among equal scores defined
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # (M, k)
-        keep = torch.arange(k, device=device)[None, :] < per_gt[:, None]  # first min(n_g, k)
-        query_idx = order[keep]
-        gt_idx = torch.arange(num_gt, device=device)[:, None].expand(num_gt, k)[keep]
-        return query_idx, gt_idx
+        order = torch.sort(scores, dim=3, descending=True, stable=True).indices[..., :k]  # (L, B, M, k)
+        keep = torch.arange(k, device=device) < per_gt[..., None]  # first min(n_g, k); padded GTs: n_g = 0
+        layer_idx, batch_idx, gt_idx, _ = keep.nonzero(as_tuple=True)
+        return LayerPairs(layer_idx, batch_idx, order[keep], gt_idx, num_layers)
+
+    def _cap(self, positive: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Keep a uniformly random subset of ``max_positives`` positives where there are more.
+
+        positive (L, B, Q) bool. One host sync for the counts (the permutation's length must be
+        known), then, per (layer, image) over the cap in layer-major order, the official
+        ``randperm`` over its positives in ascending query order.
+        """
+        device = positive.device
+        counts = positive.sum(dim=2).flatten().tolist()
+        over = [i for i, n in enumerate(counts) if n > self.max_positives]
+        if not over:
+            return positive
+        flat = positive.flatten(0, 1).clone()
+        perm_device = generator.device if generator is not None else device
+        for i in over:
+            queries = flat[i].nonzero().squeeze(1)
+            perm = torch.randperm(queries.numel(), generator=generator, device=perm_device)
+            flat[i] = False
+            flat[i, queries[perm[: self.max_positives].to(device)]] = True
+        return flat.view_as(positive)
 
     @torch.no_grad()
     def forward(self, logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor,
@@ -134,3 +171,29 @@ class OneToManyAssigner(nn.Module):
             empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
             return empty, empty
         return self.assign_scores(self.scores(logits, boxes, gt_labels, gt_boxes), generator)
+
+
+def one_to_many_scores(logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor,
+                       score_weights: Sequence[float]) -> Tensor:
+    """The one-to-many score S = w_cls · p(q, c_g) + w_iou · IoU(box_q, G_g), detached.
+
+    The one definition of the score, used by the assigner and by the queries-per-object
+    analysis (``dac_detr.evaluation.QueriesPerObject``). Half-precision inputs are scored in
+    float32.
+
+    Args:
+        logits: (..., Q, C) class logits; boxes: (..., Q, 4) cxcywh.
+        gt_labels: (..., M) int64; gt_boxes: (..., M, 4) cxcywh; the leading dims are broadcast.
+        score_weights: (w_cls, w_iou).
+    Returns:
+        (..., M, Q) scores.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits, boxes = logits.float(), boxes.float()
+    prob = logits.detach().sigmoid()
+    index = gt_labels[..., None, :].expand(*prob.shape[:-1], gt_labels.shape[-1])
+    prob = torch.gather(prob, -1, index).transpose(-1, -2)  # (..., M, Q): p of each GT's class
+    gt_xyxy = box_cxcywh_to_xyxy(gt_boxes.to(boxes.dtype))
+    iou = elementwise_box_iou(gt_xyxy[..., :, None, :], box_cxcywh_to_xyxy(boxes.detach())[..., None, :, :])
+    w_cls, w_iou = score_weights
+    return w_cls * prob + w_iou * iou

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,20 +26,19 @@ from dac_detr.losses.assigner import OneToManyAssigner
 from dac_detr.losses.functional import (
     box_giou_loss,
     box_l1_loss,
+    check_duplicate_target,
     ia_bce_loss,
     iou_aware_quality,
-    DUPLICATE_TARGETS,
     paired_box_iou,
     rank_weights,
     sigmoid_focal_loss,
 )
 from dac_detr.losses.matcher import HungarianMatcher
+from dac_detr.losses.pairs import LayerPairs, PaddedTargets
 
 DEFAULT_WEIGHTS = {"cls": 1.0, "l1": 5.0, "giou": 2.0, "enc_cls": 2.0, "enc_l1": 5.0, "enc_giou": 2.0}
 CLS_LOSSES = ("ia_bce", "focal")
 BOX_SOURCES = ("o_decoder", "c_decoder")
-
-Pairs = list[tuple[Tensor, Tensor]]  # per image: (query_idx, gt_idx)
 
 
 class SetCriterion(nn.Module):
@@ -116,9 +116,7 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: o2m_loss_scale must be > 0 (official 1/3); got {o2m_loss_scale}")
         if not float(rank_tau) > 0:
             raise ValueError(f"SetCriterion: rank_tau must be > 0 (official 1.5); got {rank_tau}")
-        if duplicate_target not in DUPLICATE_TARGETS:
-            raise ValueError(f"SetCriterion: duplicate_target must be one of {DUPLICATE_TARGETS} "
-                             f"(official 'last'); got {duplicate_target!r}")
+        check_duplicate_target(duplicate_target, "SetCriterion")
         merged = dict(DEFAULT_WEIGHTS)
         for key, value in dict(weights or {}).items():
             if key not in DEFAULT_WEIGHTS:
@@ -149,6 +147,10 @@ class SetCriterion(nn.Module):
                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Compute every loss term.
 
+        The decoder layers of a branch are stacked and computed together: one matching cost,
+        one one-to-many score tensor and one of each loss for all layers, split into the
+        per-layer terms at the end (the Hungarian solve stays per layer and image, on the CPU).
+
         Args:
             outputs: the detector's output dict (docs/interfaces.md).
             targets: B dicts with ``labels`` (M_b,) int64 in [0, num_classes) and ``boxes``
@@ -158,62 +160,61 @@ class SetCriterion(nn.Module):
             ``{loss_*: weighted scalar, stat_*: detached scalar}``.
         """
         o_layers = self._o_layers(outputs)
-        device = o_layers[-1]["pred_logits"].device
+        o_logits, o_boxes = _stacked(o_layers)
+        device = o_logits.device
         targets = self._checked_targets(targets, o_layers[-1]["pred_boxes"], device)
-        mean_gt = self._mean_gt_over_processes(sum(int(t["labels"].shape[0]) for t in targets), device)
+        padded = PaddedTargets.from_targets(targets, targets[0]["boxes"].dtype if targets else torch.float32, device)
+        mean_gt = self._mean_gt_over_processes(padded.num_gt, device)
         normaliser = mean_gt.clamp(min=1)
         terms: dict[str, Tensor] = {}
 
-        for layer_idx, layer in enumerate(o_layers):
-            pairs = self.matcher(layer["pred_logits"], layer["pred_boxes"], targets)
-            losses, iou = self._pair_losses(layer["pred_logits"], layer["pred_boxes"], targets, pairs,
-                                            normaliser, rank_weighted=False)
-            self._add_weighted(terms, "o2o", layer_idx, losses)
-            terms[f"stat_o2o_iou_{layer_idx}"] = iou.mean() if iou.numel() else iou.new_zeros(())
+        pairs = self.matcher.match_layers(o_logits, o_boxes, padded)
+        losses, iou = self._stacked_losses(o_logits, o_boxes, padded, pairs, normaliser, rank_weighted=False)
+        pairs_per_layer = sum(min(o_logits.shape[2], n) for n in padded.sizes)
+        iou_sum = iou.new_zeros(len(o_layers)).index_add(0, pairs.layer_idx, iou)
+        mean_iou = iou_sum / pairs_per_layer if pairs_per_layer else iou_sum
+        self._add_weighted(terms, "o2o", losses, stats={"stat_o2o_iou": mean_iou})
 
         c_layers = outputs.get("c_outputs") or []
         if c_layers:
-            self._one_to_many_terms(terms, c_layers, o_layers, targets, mean_gt, generator)
+            self._one_to_many_terms(terms, c_layers, o_boxes, padded, mean_gt, generator)
 
         dn_outputs = outputs.get("dn_outputs")
         if dn_outputs:
-            self._denoising_terms(terms, dn_outputs, outputs.get("dn_meta"), targets, normaliser)
+            self._denoising_terms(terms, dn_outputs, outputs.get("dn_meta"), padded, normaliser)
 
         enc = outputs.get("enc_outputs")
         if enc:
-            self._encoder_terms(terms, enc, targets, normaliser)
+            self._encoder_terms(terms, enc, padded, normaliser)
         return terms
 
     # ------------------------------------------------------------------------------------------
-    def _one_to_many_terms(self, terms: dict[str, Tensor], c_layers: list[dict[str, Tensor]],
-                           o_layers: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
-                           mean_gt: Tensor, generator: torch.Generator | None) -> None:
+    def _one_to_many_terms(self, terms: dict[str, Tensor], c_layers: list[dict[str, Tensor]], o_boxes: Tensor,
+                           padded: PaddedTargets, mean_gt: Tensor, generator: torch.Generator | None) -> None:
         if self.assigner is None:
             raise ValueError("SetCriterion: the outputs have `c_outputs` (DAC on) but the criterion has no "
                              "assigner; build it with assigner=OneToManyAssigner(...) or turn DAC off")
-        if len(c_layers) != len(o_layers):
+        if len(c_layers) != o_boxes.shape[0]:
             raise ValueError(f"SetCriterion: {len(c_layers)} C-stream layers (`c_outputs`) but "
-                             f"{len(o_layers)} O-stream layers (`aux_outputs` + last); they must match")
-        normaliser = (mean_gt / self.o2m_loss_scale).clamp(min=1)  # official: 3N from balance_num = 3
-        num_gt = sum(int(t["labels"].shape[0]) for t in targets)
-        for layer_idx, (c_layer, o_layer) in enumerate(zip(c_layers, o_layers)):
-            c_logits, c_boxes = self._checked_layer(c_layer, f"c_outputs[{layer_idx}]")
-            source = o_layer["pred_boxes"] if self.o2m_box_source == "o_decoder" else c_boxes
-            if source.shape[:2] != c_logits.shape[:2]:
+                             f"{o_boxes.shape[0]} O-stream layers (`aux_outputs` + last); they must match")
+        for layer_idx, c_layer in enumerate(c_layers):
+            c_logits, _ = self._checked_layer(c_layer, f"c_outputs[{layer_idx}]")
+            if o_boxes.shape[1:3] != c_logits.shape[:2]:
                 raise ValueError(f"SetCriterion: c_outputs[{layer_idx}] has {tuple(c_logits.shape[:2])} "
-                                 f"(batch, queries) but the O-stream layer has {tuple(source.shape[:2])}")
-            pairs = [
-                self.assigner(c_logits[b], source[b], t["labels"], t["boxes"], generator=generator)
-                for b, t in enumerate(targets)
-            ]
-            losses, _ = self._pair_losses(c_logits, c_boxes, targets, pairs, normaliser, rank_weighted=True)
-            self._add_weighted(terms, "o2m", layer_idx, losses)
-            num_pos = sum(int(q.numel()) for q, _ in pairs)
-            terms[f"stat_o2m_pos_per_gt_{layer_idx}"] = torch.tensor(num_pos / max(num_gt, 1), device=c_logits.device)
+                                 f"(batch, queries) but the O-stream layer has {tuple(o_boxes.shape[1:3])}")
+        c_logits, c_boxes = _stacked(c_layers)
+        normaliser = (mean_gt / self.o2m_loss_scale).clamp(min=1)  # official: 3N from balance_num = 3
+        source = o_boxes if self.o2m_box_source == "o_decoder" else c_boxes
+        scores = self.assigner.scores(c_logits, source, padded.labels[None], padded.boxes[None])  # (L, B, M, Q)
+        pairs = self.assigner.assign_layers(scores, padded.sizes, generator)
+        losses, _ = self._stacked_losses(c_logits, c_boxes, padded, pairs, normaliser, rank_weighted=True)
+        num_pos = torch.bincount(pairs.layer_idx, minlength=len(c_layers))
+        # float64 division then float32, as a Python float turned into a tensor
+        pos_per_gt = (num_pos.double() / max(padded.num_gt, 1)).to(torch.get_default_dtype())
+        self._add_weighted(terms, "o2m", losses, stats={"stat_o2m_pos_per_gt": pos_per_gt})
 
     def _denoising_terms(self, terms: dict[str, Tensor], dn_outputs: Mapping[str, list],
-                         dn_meta: Mapping[str, int] | None, targets: list[dict[str, Tensor]],
-                         normaliser: Tensor) -> None:
+                         dn_meta: Mapping[str, int] | None, padded: PaddedTargets, normaliser: Tensor) -> None:
         if not dn_meta:
             raise ValueError("SetCriterion: the outputs have `dn_outputs` but no `dn_meta` "
                              "({num_groups, single_pad, pad_size}); the detector must return both")
@@ -222,106 +223,115 @@ class SetCriterion(nn.Module):
         if int(dn_meta.get("pad_size", pad_size)) != pad_size:
             raise ValueError(f"SetCriterion: dn_meta is inconsistent: pad_size {dn_meta['pad_size']} != "
                              f"2 * single_pad {single_pad} * num_groups {num_groups}")
-        device = normaliser.device
-        pairs = self._denoising_pairs(targets, num_groups, single_pad, device)
-        for stream in ("o", "c"):
-            for layer_idx, layer in enumerate(dn_outputs.get(stream) or []):
-                logits, boxes = self._checked_layer(layer, f"dn_outputs[{stream!r}][{layer_idx}]")
+        streams = [(stream, list(dn_outputs.get(stream) or [])) for stream in ("o", "c")]
+        for stream, layers in streams:
+            for layer_idx, layer in enumerate(layers):
+                logits, _ = self._checked_layer(layer, f"dn_outputs[{stream!r}][{layer_idx}]")
                 if logits.shape[1] != pad_size:
                     raise ValueError(f"SetCriterion: dn_outputs[{stream!r}][{layer_idx}] has {logits.shape[1]} "
                                      f"slots but dn_meta says pad_size = {pad_size}")
-                losses, _ = self._pair_losses(logits, boxes, targets, pairs, normaliser * num_groups,
-                                              rank_weighted=False)
-                self._add_weighted(terms, f"dn_{stream}", layer_idx, losses)
+        all_layers = [layer for _, layers in streams for layer in layers]
+        if not all_layers:
+            return
+        logits, boxes = _stacked(all_layers)  # (L_o + L_c, B, pad_size, C): both streams at once
+        pairs = self._denoising_pairs(padded.sizes, num_groups, single_pad, len(all_layers), logits.device)
+        losses, _ = self._stacked_losses(logits, boxes, padded, pairs, normaliser * num_groups, rank_weighted=False)
+        first = 0
+        for stream, layers in streams:
+            if layers:
+                part = {name: value[first:first + len(layers)] for name, value in losses.items()}
+                self._add_weighted(terms, f"dn_{stream}", part)
+                first += len(layers)
 
     @staticmethod
-    def _denoising_pairs(targets: list[dict[str, Tensor]], num_groups: int, single_pad: int,
-                         device: torch.device) -> Pairs:
-        """Fixed DN pairing: slot 2kS + j is the positive copy of GT j (k < G, j < n_b)."""
-        pairs = []
-        for b, t in enumerate(targets):
-            n = int(t["labels"].shape[0])
+    def _denoising_pairs(sizes: tuple[int, ...], num_groups: int, single_pad: int, num_layers: int,
+                         device: torch.device) -> LayerPairs:
+        """Fixed DN pairing: slot 2kS + j is the positive copy of GT j (k < G, j < n_b), in every layer.
+
+        Built on the host from the GT counts (no device work per image), one transfer."""
+        for b, n in enumerate(sizes):
             if n > single_pad:
                 raise ValueError(f"SetCriterion: image {b} has {n} GTs but dn_meta single_pad is {single_pad}; "
                                  "the DN queries were built for other targets")
-            gt = torch.arange(n, device=device)
-            slots = (torch.arange(num_groups, device=device) * 2 * single_pad)[:, None] + gt[None, :]
-            pairs.append((slots.flatten(), gt.repeat(num_groups)))
-        return pairs
+        per_image = [(np.full(n * num_groups, b), (np.arange(num_groups)[:, None] * 2 * single_pad
+                                                    + np.arange(n)[None, :]).reshape(-1), np.tile(np.arange(n), num_groups))
+                     for b, n in enumerate(sizes)]  # fmt: skip
+        flat = torch.as_tensor(np.stack([np.concatenate(column) for column in zip(*per_image)]).astype(np.int64),
+                               device=device) if per_image else torch.zeros(3, 0, dtype=torch.int64, device=device)
+        return LayerPairs.repeated(flat[0], flat[1], flat[2], num_layers)
 
-    def _encoder_terms(self, terms: dict[str, Tensor], enc: Mapping[str, Tensor],
-                       targets: list[dict[str, Tensor]], normaliser: Tensor) -> None:
+    def _encoder_terms(self, terms: dict[str, Tensor], enc: Mapping[str, Tensor], padded: PaddedTargets,
+                       normaliser: Tensor) -> None:
         """Class-agnostic Hungarian over all encoder tokens; focal loss with class 0 as target."""
         logits, boxes = self._checked_layer(enc, "enc_outputs")
-        agnostic = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
-        pairs = self.matcher(logits, boxes, agnostic)
-        batch_idx, query_idx, gt_idx = self._flatten_pairs(pairs)
+        agnostic = PaddedTargets(torch.zeros_like(padded.labels), padded.boxes, padded.valid, padded.sizes)
+        pairs = self.matcher.match_layers(logits[None], boxes[None], agnostic)
+        batch_idx, query_idx = pairs.batch_idx, pairs.query_idx
         channel0 = torch.zeros_like(query_idx)
         cls = sigmoid_focal_loss(logits, (batch_idx, query_idx, channel0), self.focal_alpha, self.focal_gamma)
-        l1, giou = self._box_terms(boxes, batch_idx, query_idx, self._gather_gt_boxes(targets, pairs), None)
+        if len(pairs) == 0:
+            # no pair: keep a zero-valued path to the boxes so DDP sees the box heads as used
+            l1 = giou = boxes.sum() * 0
+        else:
+            src, gt_boxes = boxes[batch_idx, query_idx], padded.boxes[batch_idx, pairs.gt_idx]
+            l1, giou = box_l1_loss(src, gt_boxes), box_giou_loss(src, gt_boxes)
         terms["loss_enc_cls"] = self.weights["enc_cls"] * cls / normaliser
         terms["loss_enc_l1"] = self.weights["enc_l1"] * l1 / normaliser
         terms["loss_enc_giou"] = self.weights["enc_giou"] * giou / normaliser
 
     # ------------------------------------------------------------------------------------------
-    def _pair_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], pairs: Pairs,
-                     normaliser: Tensor, rank_weighted: bool) -> tuple[dict[str, Tensor], Tensor]:
-        """Classification, L1 and GIoU of one branch and layer, each divided by ``normaliser``.
+    def _stacked_losses(self, logits: Tensor, boxes: Tensor, padded: PaddedTargets, pairs: LayerPairs,
+                        normaliser: Tensor, rank_weighted: bool) -> tuple[dict[str, Tensor], Tensor]:
+        """Classification, L1 and GIoU of L stacked layers of one branch, each divided by ``normaliser``.
 
         Args:
-            logits: (B, Q, C); boxes: (B, Q, 4) cxcywh; pairs: per image (query_idx, gt_idx).
+            logits: (L, B, Q, C); boxes: (L, B, Q, 4) cxcywh; pairs: the K pairs of all L layers.
             rank_weighted: the one-to-many branch (rank weights on targets and boxes).
         Returns:
-            ({"cls", "l1", "giou"} scalars, (K,) detached IoU of the K pairs).
+            ({"cls", "l1", "giou"}: (L,) each, (K,) detached IoU of the K pairs).
         """
         if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: losses in float32
             logits, boxes = logits.float(), boxes.float()
-        batch_idx, query_idx, gt_idx = self._flatten_pairs(pairs)
-        labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, pairs)])
-        gt_boxes = self._gather_gt_boxes(targets, pairs)
+        num_layers = logits.shape[0]
+        layer_idx, batch_idx, query_idx = pairs.layer_idx, pairs.batch_idx, pairs.query_idx
+        labels = padded.labels[batch_idx, pairs.gt_idx]
+        gt_boxes = padded.boxes[batch_idx, pairs.gt_idx]
+        src = boxes[layer_idx, batch_idx, query_idx]
         with torch.no_grad():
-            iou = paired_box_iou(boxes[batch_idx, query_idx].detach(), gt_boxes)
+            iou = paired_box_iou(src.detach(), gt_boxes)
         box_weights = None
+        index = (layer_idx, batch_idx, query_idx, labels)
         if self.cls_loss == "ia_bce":
             with torch.no_grad():
-                prob = logits[batch_idx, query_idx, labels].detach().sigmoid()
+                prob = logits[index].detach().sigmoid()
                 quality = iou_aware_quality(prob, iou, self.ia_bce_alpha, self.ia_bce_min_quality)
                 if rank_weighted:
-                    # one group per (image, GT): offset each image's GT ids by the GTs before it
-                    offsets = torch.tensor([0] + [int(t["labels"].shape[0]) for t in targets[:-1]],
-                                           device=logits.device).cumsum(0)
-                    box_weights = rank_weights(offsets[batch_idx] + gt_idx, quality, self.rank_tau)
+                    # one group per (layer, image, GT)
+                    groups = (layer_idx * padded.labels.shape[0] + batch_idx) * padded.max_gt + pairs.gt_idx
+                    box_weights = rank_weights(groups, quality, self.rank_tau)
                     quality = quality * box_weights
-            cls = ia_bce_loss(logits, (batch_idx, query_idx, labels), quality, self.ia_bce_gamma,
-                              self.duplicate_target)
+            cls = ia_bce_loss(logits, index, quality, self.ia_bce_gamma, self.duplicate_target, per_layer=True)
         else:
-            cls = sigmoid_focal_loss(logits, (batch_idx, query_idx, labels), self.focal_alpha, self.focal_gamma)
-        l1, giou = self._box_terms(boxes, batch_idx, query_idx, gt_boxes, box_weights)
+            cls = sigmoid_focal_loss(logits, index, self.focal_alpha, self.focal_gamma, per_layer=True)
+        if len(pairs) == 0:
+            # no pair: keep a zero-valued path to the boxes so DDP sees the box heads as used
+            l1 = giou = boxes.flatten(1).sum(1) * 0
+        else:
+            l1 = box_l1_loss(src, gt_boxes, box_weights, layer_idx, num_layers)
+            giou = box_giou_loss(src, gt_boxes, box_weights, layer_idx, num_layers)
         return {"cls": cls / normaliser, "l1": l1 / normaliser, "giou": giou / normaliser}, iou
 
-    @staticmethod
-    def _box_terms(boxes: Tensor, batch_idx: Tensor, query_idx: Tensor, gt_boxes: Tensor,
-                   weights: Tensor | None) -> tuple[Tensor, Tensor]:
-        if batch_idx.numel() == 0:
-            # no pair: keep a zero-valued path to the boxes so DDP sees the box heads as used
-            zero = boxes.sum() * 0
-            return zero, zero
-        src = boxes[batch_idx, query_idx]
-        return box_l1_loss(src, gt_boxes, weights), box_giou_loss(src, gt_boxes, weights)
-
-    @staticmethod
-    def _flatten_pairs(pairs: Pairs) -> tuple[Tensor, Tensor, Tensor]:
-        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(pairs)])
-        return batch_idx, torch.cat([q for q, _ in pairs]), torch.cat([g for _, g in pairs])
-
-    @staticmethod
-    def _gather_gt_boxes(targets: list[dict[str, Tensor]], pairs: Pairs) -> Tensor:
-        return torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, pairs)])
-
-    def _add_weighted(self, terms: dict[str, Tensor], branch: str, layer_idx: int,
-                      losses: Mapping[str, Tensor]) -> None:
-        for name, value in losses.items():
-            terms[f"loss_{branch}_{name}_{layer_idx}"] = self.weights[name] * value
+    def _add_weighted(self, terms: dict[str, Tensor], branch: str, losses: Mapping[str, Tensor],
+                      stats: Mapping[str, Tensor] | None = None) -> None:
+        """Per-layer terms ``loss_{branch}_{name}_{l}`` (weighted) and ``{stat}_{l}`` from (L,) tensors."""
+        per_layer = {name: (self.weights[name] * value).unbind() for name, value in losses.items()}
+        stat_values = {name: value.detach().unbind() for name, value in (stats or {}).items()}
+        num_layers = len(next(iter(per_layer.values())))
+        for layer_idx in range(num_layers):
+            for name, values in per_layer.items():
+                terms[f"loss_{branch}_{name}_{layer_idx}"] = values[layer_idx]
+            for name, values in stat_values.items():
+                terms[f"{name}_{layer_idx}"] = values[layer_idx]
 
     @staticmethod
     def _mean_gt_over_processes(num_gt: int, device: torch.device) -> Tensor:
@@ -383,3 +393,9 @@ class SetCriterion(nn.Module):
                 raise ValueError(f"SetCriterion: target labels must lie in [0, {self.num_classes}); got the "
                                  f"range [{low}, {high}]; check num_classes and the data set's label mapping")
         return checked
+
+
+def _stacked(layers: list[Mapping[str, Tensor]]) -> tuple[Tensor, Tensor]:
+    """L layer dicts -> logits (L, B, Q, C) and boxes (L, B, Q, 4) (one copy; gradients flow back)."""
+    return (torch.stack([layer["pred_logits"] for layer in layers]),
+            torch.stack([layer["pred_boxes"] for layer in layers]))

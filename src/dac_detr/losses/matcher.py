@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from dac_detr.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from dac_detr.losses.pairs import LayerPairs, PaddedTargets
 
 
 class HungarianMatcher(nn.Module):
@@ -89,38 +90,58 @@ class HungarianMatcher(nn.Module):
             B pairs ``(pred_idx, gt_idx)``, int64 (min(Q, M_b),) on the predictions' device,
             pred_idx ascending.
         """
-        device = pred_logits.device
-        batch, num_queries = pred_logits.shape[:2]
+        batch = pred_logits.shape[0]
         if len(targets) != batch:
             raise ValueError(f"HungarianMatcher: {batch} images of predictions but {len(targets)} targets")
-        sizes = [int(t["labels"].shape[0]) for t in targets]
-        max_gt = max(sizes, default=0)
+        padded = PaddedTargets.from_targets(targets, pred_boxes.dtype, pred_logits.device)
+        return self.match_layers(pred_logits[None], pred_boxes[None], padded).per_image(0, batch)
+
+    @torch.no_grad()
+    def match_layers(self, pred_logits: Tensor, pred_boxes: Tensor, targets: PaddedTargets) -> LayerPairs:
+        """Match L stacked layers at once: one cost computation and one transfer to the CPU for
+        all layers and images, then one ``linear_sum_assignment`` per layer and image.
+
+        Args:
+            pred_logits: (L, B, Q, C) logits; pred_boxes: (L, B, Q, 4) cxcywh.
+            targets: the batch's GTs, padded (:class:`PaddedTargets`).
+        Returns:
+            :class:`LayerPairs` ordered by layer, image, then query index ascending; each layer
+            and image has min(Q, M_b) pairs.
+        """
+        device = pred_logits.device
+        num_layers, batch, num_queries = pred_logits.shape[:3]
+        if len(targets.sizes) != batch:
+            raise ValueError(f"HungarianMatcher: {batch} images of predictions but {len(targets.sizes)} targets")
         empty = torch.zeros(0, dtype=torch.int64, device=device)
-        if max_gt == 0 or num_queries == 0:
-            return [(empty, empty) for _ in sizes]
+        if targets.max_gt == 0 or num_queries == 0:
+            return LayerPairs(empty, empty, empty, empty, num_layers)
+        max_gt = targets.max_gt
+        gt_labels = targets.labels[None].expand(num_layers, batch, max_gt).reshape(-1, max_gt)
+        gt_boxes = targets.boxes.to(pred_boxes.dtype)[None].expand(num_layers, batch, max_gt, 4).reshape(-1, max_gt, 4)
+        costs = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), gt_labels, gt_boxes)
+        costs = costs.cpu().numpy()  # (L·B, Q, M); padded columns are never read
+        if not np.isfinite(costs).all():
+            self._raise_not_finite(costs, targets.sizes)
+        rows_all, cols_all, counts = [], [], []
+        for block, n in zip(costs, targets.sizes * num_layers):
+            rows, cols = linear_sum_assignment(block[:, :n])
+            rows_all.append(rows)
+            cols_all.append(cols)
+            counts.append(len(rows))
+        # the layer and image of every pair follow from the counts: no per-image tensors
+        owner = np.repeat(np.arange(num_layers * batch), counts)
+        flat = torch.as_tensor(np.stack([owner // batch, owner % batch, np.concatenate(rows_all),
+                                         np.concatenate(cols_all)]), dtype=torch.int64).to(device)  # one transfer
+        return LayerPairs(flat[0], flat[1], flat[2], flat[3], num_layers)
 
-        # pad every image to max_gt GTs (label 0, a unit box): padded columns are never read
-        gt_labels = torch.zeros(batch, max_gt, dtype=torch.int64, device=device)
-        gt_boxes = torch.full((batch, max_gt, 4), 0.5, dtype=pred_boxes.dtype, device=device)
-        for b, (t, n) in enumerate(zip(targets, sizes)):
-            gt_labels[b, :n] = t["labels"].to(device)
-            gt_boxes[b, :n] = t["boxes"].to(device=device, dtype=pred_boxes.dtype)
-        costs = self.cost_matrix(pred_logits, pred_boxes, gt_labels, gt_boxes).cpu().numpy()
-
-        pred_all, gt_all = [], []
-        for b, n in enumerate(sizes):
-            block = costs[b, :, :n]
-            if not np.isfinite(block).all():
+    @staticmethod
+    def _raise_not_finite(costs: np.ndarray, sizes: tuple[int, ...]) -> None:
+        batch = len(sizes)
+        for index, block in enumerate(costs):
+            if not np.isfinite(block[:, : sizes[index % batch]]).all():
+                layer, image = divmod(index, batch)
                 raise ValueError(
-                    f"HungarianMatcher: the matching cost of image {b} has NaN/inf entries: the "
-                    "predicted logits or boxes are not finite (a diverged model; lower the learning "
+                    f"HungarianMatcher: the matching cost of image {image} (stacked layer {layer}) has NaN/inf "
+                    "entries: the predicted logits or boxes are not finite (a diverged model; lower the learning "
                     "rate or check for fp16 overflow), or a GT box is not finite (check the data)"
                 )
-            rows, cols = linear_sum_assignment(block)
-            pred_all.append(rows)
-            gt_all.append(cols)
-        # one transfer for the whole batch, then split per image
-        pred_idx = torch.as_tensor(np.concatenate(pred_all), dtype=torch.int64).to(device)
-        gt_idx = torch.as_tensor(np.concatenate(gt_all), dtype=torch.int64).to(device)
-        counts = [len(rows) for rows in pred_all]
-        return list(zip(pred_idx.split(counts), gt_idx.split(counts)))
