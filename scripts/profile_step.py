@@ -137,6 +137,20 @@ def build(setup: str, image_size: int | None, extra: list[str]):
     return cfg, datamodule, module.model.train(), module.criterion, optimizer, float(clip)
 
 
+def reference_criterion(cfg, num_classes: int):
+    """The same loss config built with the frozen per-layer classes of tests/reference_criterion.py."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    loss["_target_"] = "reference_criterion.SetCriterion"
+    loss["matcher"]["_target_"] = "reference_criterion.HungarianMatcher"
+    if loss.get("assigner"):
+        loss["assigner"]["_target_"] = "reference_criterion.OneToManyAssigner"
+    return instantiate(loss, num_classes=num_classes)
+
+
 def run_steps(regions: Regions, loader_iter, model, criterion, optimizer, clip: float, steps: int, seed: int) -> list[float]:
     """``steps`` training steps; returns each step's wall time (s)."""
     times = []
@@ -194,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-steps", type=int, default=5, help="steps under torch.profiler (0: skip)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--reference-criterion", action="store_true",
+                        help="use the frozen per-layer criterion of tests/reference_criterion.py (the one before batching)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (key=value)")
     args = parser.parse_args(argv)
@@ -202,6 +218,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("DAC_DETR_MSDA", "torch")
     image_size = args.image_size or (224 if args.setup == "r50" else None)
     cfg, datamodule, model, criterion, optimizer, clip = build(args.setup, image_size, args.overrides)
+    if args.reference_criterion:
+        criterion = reference_criterion(cfg, datamodule.num_classes)
     regions = Regions()
     instrument(regions, model, criterion)
     batches = infinite(datamodule.train_dataloader())
@@ -221,7 +239,7 @@ def main(argv=None) -> int:
         ops = operator_counts(prof, args.profile_steps)
 
     result = {
-        "setup": args.setup, "overrides": SETUPS[args.setup] + args.overrides, "image_size": image_size,
+        "setup": args.setup, "criterion": "reference" if args.reference_criterion else "package", "overrides": SETUPS[args.setup] + args.overrides, "image_size": image_size,
         "batch_size": int(cfg.data.batch_size), "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "steps": args.steps, "step_ms_median": statistics.median(step_times) * 1e3,
@@ -237,7 +255,7 @@ def main(argv=None) -> int:
 def print_table(result: dict) -> None:
     total_ms = sum(result["region_ms"].values())
     ops = result["region_ops"]
-    print(f"setup={result['setup']} batch={result['batch_size']} threads={result['threads']} torch={result['torch']} "
+    print(f"setup={result['setup']} criterion={result['criterion']} batch={result['batch_size']} threads={result['threads']} torch={result['torch']} "
           f"steps={result['steps']}: step median {result['step_ms_median']:.1f} ms, mean {result['step_ms_mean']:.1f} ms")  # fmt: skip
     print(f"| {'region':16} | {'ms/step':>8} | {'share':>6} | {'ops/step':>8} |")
     print(f"|{'-' * 18}|{'-' * 10}|{'-' * 8}|{'-' * 10}|")

@@ -1,4 +1,4 @@
-"""The analysis of SPEC §6.4: how many queries per object have a high one-to-many score."""
+"""The queries-per-object analysis (docs/method.md, "## Queries per object"): how many queries per object have a high one-to-many score."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ..boxes import box_cxcywh_to_xyxy, box_iou
+from ..losses.assigner import one_to_many_scores
 
 
 class QueriesPerObject(Metric):
     """Average number of queries per ground-truth object whose score exceeds each threshold.
 
     The score of query q for object g is ``w_cls * sigmoid(logit[q, c_g]) + w_iou * IoU(box_q,
-    box_g)`` (the one-to-many assignment score, SPEC §3). Feed it the final-layer O-stream
-    predictions (``pred_logits``, ``pred_boxes``) of every validation batch; ``compute()`` returns
+    box_g)``, the one-to-many assignment score, computed by the assigner's own
+    ``dac_detr.losses.assigner.one_to_many_scores`` (docs/method.md, "## One-to-many assignment").
+    Feed it the final-layer O-stream predictions (``pred_logits``, ``pred_boxes``) of every validation batch; ``compute()`` returns
     ``{0.6: ..., 0.7: ..., 0.8: ...}``: threshold -> number of (query, object) pairs above it /
     number of objects. The paper's figure reads about 5.5 / 3 / 1.7 at 0.6 / 0.7 / 0.8
     for DAC-DETR after 12 epochs on COCO. Counts are summed over processes under DDP (images
@@ -36,16 +37,13 @@ class QueriesPerObject(Metric):
 
     def update(self, pred_logits: Tensor, pred_boxes: Tensor, targets: Sequence[dict]) -> None:
         """pred_logits (B, Q, C), pred_boxes (B, Q, 4) normalised cxcywh, targets as the data module gives."""
-        w_cls, w_iou = self.score_weights
         thresholds = torch.tensor(self.thresholds, device=pred_logits.device)
-        probs = pred_logits.detach().float().sigmoid()
-        boxes = box_cxcywh_to_xyxy(pred_boxes.detach().float())
         for b, target in enumerate(targets):
             labels = target["labels"].to(pred_logits.device)
             if labels.numel() == 0:
                 continue
-            gt = box_cxcywh_to_xyxy(target["boxes"].to(boxes))
-            score = w_cls * probs[b][:, labels] + w_iou * box_iou(boxes[b], gt)  # (Q, M)
+            score = one_to_many_scores(pred_logits[b].float(), pred_boxes[b].float(), labels,
+                                       target["boxes"].to(pred_logits.device), self.score_weights)  # (M, Q)
             self.pair_counts += (score[None] > thresholds[:, None, None]).sum(dim=(1, 2))
             self.num_objects += labels.numel()
 

@@ -1,4 +1,4 @@
-"""One-to-many assignment for the C-Decoder (SPEC part 2, §3; official ``onetomany.py``).
+"""One-to-many assignment for the C-Decoder (docs/method.md, "## One-to-many assignment"; official ``onetomany.py``).
 
 Per decoder layer and per image, without gradients:
 

@@ -1,6 +1,6 @@
-"""All of DAC-DETR's training loss terms from one detector output dict (SPEC part 2, §2.3, §4).
+"""All of DAC-DETR's training loss terms from one detector output dict (docs/method.md, "## Loss terms and weights").
 
-Per decoder layer l (SPEC §2.3), with N = the batch's GT count averaged over processes:
+Per decoder layer l, with N = the batch's GT count averaged over processes:
 
 | branch      | queries            | assignment                  | normaliser                  |
 |-------------|--------------------|-----------------------------|-----------------------------|
@@ -59,7 +59,7 @@ class SetCriterion(nn.Module):
         branch t is further multiplied by the rank weight exp(-r/``rank_tau``), r = the rank of t
         among the positives of the same GT, and the same weight multiplies that pair's L1 and
         GIoU terms. If one (query, class) entry is positive for two GTs of the same class (a
-        query shared in the one-to-many assignment, SPEC §7 item 3), ``duplicate_target``
+        query shared in the one-to-many assignment, docs/method.md "## Official quirks as options"), ``duplicate_target``
         picks its target; both pairs keep their box terms, as in the official code.
         ``"focal"`` (the ``dac_cdn`` variant): sigmoid focal loss with one-hot targets on every
         decoder branch, and no rank weights (all box weights 1).
@@ -72,8 +72,8 @@ class SetCriterion(nn.Module):
         cls_loss: ``"ia_bce"`` or ``"focal"``.
         weights: loss weights; keys ``cls, l1, giou`` (every decoder branch) and ``enc_cls,
             enc_l1, enc_giou``; missing keys take the official 1, 5, 2, 2, 5, 2.
-        o2m_box_source: boxes the assigner's IoU uses: ``"o_decoder"`` (official, SPEC §7
-            item 1) or ``"c_decoder"``. The one-to-many losses always use the C-stream's boxes.
+        o2m_box_source: boxes the assigner's IoU uses: ``"o_decoder"`` (official, docs/method.md
+            "## Official quirks as options") or ``"c_decoder"``. The one-to-many losses always use the C-stream's boxes.
         o2m_loss_scale: the one-to-many normaliser is N / o2m_loss_scale (official 1/3, from
             ``balance_num = 3``).
         rank_tau: temperature of the rank weights (official 1.5).

@@ -1,4 +1,4 @@
-"""The loss functions of DAC-DETR as plain functions of tensors (SPEC part 2, §4.2-§4.4, §4.6).
+"""The loss functions of DAC-DETR as plain functions of tensors (docs/method.md, "## Loss terms and weights", "## IA-BCE").
 
 The loss functions return an un-normalised **sum**; the criterion divides by the normaliser of the
 branch (N, N / loss_scale or N·G). Nothing here keeps state: the rank weight of a one-to-many

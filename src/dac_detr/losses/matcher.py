@@ -1,4 +1,4 @@
-"""Hungarian (one-to-one) matching of predictions to ground truth (SPEC part 2, §4.1).
+"""Hungarian (one-to-one) matching of predictions to ground truth (docs/method.md, "## Hungarian matching").
 
 Used for every O-Decoder layer and, with every label set to 0, for the encoder's proposals over
 all encoder tokens. The cost matrix is built on the predictions' device for the whole batch at
