@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,11 +22,16 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .utils.checkpoint import CheckpointError, compare_state_dicts, without_pretrained_download
 from .utils.checkpoint_io import AtomicCheckpointIO
-from .utils.config_checks import ConfigError, check_config
+from .utils.config_checks import ConfigError, check_arguments, check_config
 from .utils.data_order import make_train_order_reproducible
+from .utils.init_from import init_from_weights
 from .utils.instantiate import build_callbacks, build_datamodule, build_loggers, build_module
-from .utils.resume import find_last_checkpoint, read_checkpoint_metadata
+from .utils.interrupt import SaveOnInterrupt
+from .utils.plugins import missing_sweep_plugin
+from .utils.resume import find_last_checkpoint, read_resume_checkpoint
+from .utils.sweep_summary import write_job_metrics
 from .utils.task import task_wrapper
 
 log = logging.getLogger("dac_detr")
@@ -99,32 +106,80 @@ def run_metadata(cfg: DictConfig, datamodule) -> dict[str, Any]:
     }
 
 
-@task_wrapper
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (and validate) one configuration; returns the final callback metrics."""
-    check_config(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+def _resume_command() -> str:
+    """This command without ckpt_path/resume/init_from: what a stopped run is resumed with."""
+    kept = [o for o in _task_overrides() if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume", "init_from")]
+    return " ".join(["python -m dac_detr.train", *(shlex.quote(o) for o in kept)])
 
-    ckpt_path = resolve_checkpoint(cfg)
-    metadata = read_checkpoint_metadata(ckpt_path) if ckpt_path else {}
-    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+
+def _checkpoint_dir(cfg: DictConfig) -> Path:
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is not None and str(node.get("_target_", "")).endswith("ModelCheckpoint"):
+            return Path(node.dirpath)
+    return Path(cfg.paths.output_dir) / "checkpoints"
+
+
+def _read_resume_checkpoint(cfg: DictConfig, ckpt_path: Optional[str]) -> dict[str, Any]:
+    """The checkpoint to resume (memory-mapped), after ``ckpt_path``/``init_from`` sanity checks."""
+    if ckpt_path and cfg.get("init_from"):
+        raise ConfigError(
+            "ckpt_path and init_from are both set: ckpt_path resumes a run (its optimizer, schedule, epoch), "
+            "init_from starts a new run from the weights. Give one of them."
+        )
+    if not ckpt_path:
+        return {}
+    checkpoint = read_resume_checkpoint(ckpt_path)
+    if Path(ckpt_path).parent.name == "checkpoints":
         # Keep writing next to the resumed checkpoints, so the best-model tracking carries on.
         with open_dict(cfg):
             for node in (cfg.get("callbacks") or {}).values():
                 if node is not None and str(node.get("_target_", "")).endswith("ModelCheckpoint"):
                     node.dirpath = str(Path(ckpt_path).parent)
+    return checkpoint
+
+
+def _check_resume_fits(module: L.LightningModule, checkpoint: dict[str, Any], ckpt_path: str) -> None:
+    diff = compare_state_dicts(module.state_dict(), checkpoint.get("state_dict") or {})
+    if not diff.complete:
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} is a checkpoint of another model than this command builds, so it cannot "
+            f"be resumed:\n{diff.listing()}\nResume with the overrides the run was started with, or start a new "
+            f"run from its weights with init_from={ckpt_path} (loads what fits)."
+        )
+
+
+def _build_trainer(cfg: DictConfig, loggers: list, resume_command: str):
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    callbacks.append(SaveOnInterrupt(_checkpoint_dir(cfg), resume_command))
+    check_arguments(cfg.trainer, "trainer")
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and validate) one configuration; returns the final callback metrics."""
+    check_config(cfg)
+    log.info("Run folder: %s", cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_checkpoint(cfg)
+    checkpoint = _read_resume_checkpoint(cfg, ckpt_path)
+    if cfg.get("init_from"):
+        without_pretrained_download(cfg)  # the weights come from init_from
 
     log.info("Data: %s", cfg.data._target_)
     datamodule = build_datamodule(cfg, "fit")
     log.info("Model: %s with %s, %d classes", cfg.model._target_, cfg.backbone._target_, datamodule.num_classes)
     module = build_module(cfg, datamodule.num_classes, training=True)
     module.run_metadata = run_metadata(cfg, datamodule)
+    if ckpt_path:
+        _check_resume_fits(module, checkpoint, ckpt_path)
+    if cfg.get("init_from"):
+        init_from_weights(module.model, cfg.init_from, report_dir=cfg.paths.output_dir)
 
     _spawn_ddp_under_local_multirun(cfg)
-    loggers = build_loggers(cfg, metadata.get("wandb_run_id"), _job_info(cfg))
-    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    loggers = build_loggers(cfg, (checkpoint.get("dac_detr") or {}).get("wandb_run_id"), _job_info(cfg))
+    trainer = _build_trainer(cfg, loggers, _resume_command())
     if trainer.world_size == 1:
         # Under DDP, Lightning's DistributedSampler already orders the data by (seed, epoch).
         make_train_order_reproducible(datamodule, cfg.seed if cfg.get("seed") is not None else 0)
@@ -143,12 +198,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best_path = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if best_path:
         log.info("Best checkpoint: %s", best_path)
+    log.info("Run folder: %s", cfg.paths.output_dir)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dac_detr.conf", config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
     metrics = train(cfg)
+    if HydraConfig.initialized():
+        write_job_metrics(cfg.paths.output_dir, metrics)  # read by the table at the end of a multirun
     name = cfg.get("optimized_metric")
     if not name:
         return None
@@ -158,6 +216,15 @@ def main(cfg: DictConfig) -> Optional[float]:
             "set optimized_metric to one of them."
         )
     return metrics[name]
+
+
+def main() -> None:
+    """The command line (``python -m dac_detr.train``, ``dac-detr-train``)."""
+    missing = missing_sweep_plugin(sys.argv[1:])
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        raise SystemExit(1)
+    _hydra_main()
 
 
 if __name__ == "__main__":

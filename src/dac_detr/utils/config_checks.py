@@ -6,6 +6,8 @@ fail deep inside the assigner. These checks name the key, the bad value and what
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -59,6 +61,14 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ema.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "ema.decay": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     "resume": (lambda v: isinstance(v, bool), "true or false"),
+    "init_from": (lambda v: v is None or isinstance(v, str), "a checkpoint path or null"),
+    "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (images per process)"),
+    "data.val_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null (= batch_size)"),
+    "data.num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "data.num_train": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.num_val": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.image_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (pixels)"),
+    "trainer.max_steps": (lambda v: _is_int(v) and (v > 0 or v == -1), "a positive integer or -1 (no limit)"),
     "ckpt_path": (lambda v: v is None or isinstance(v, str), "a checkpoint path, 'last' or null"),
 }
 
@@ -76,3 +86,29 @@ def check_config(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not ok(value):
             raise ConfigError(f"Config key `{key}` is {value!r} ({type(value).__name__}); expected {expected}.")
+
+
+def check_arguments(node: DictConfig, key: str) -> None:
+    """Raise ConfigError if ``node`` (a ``_target_`` config at ``key``) sets an argument its target lacks.
+
+    ``+trainer.max_epoch=1`` would otherwise end in a TypeError deep inside Hydra's instantiate;
+    this names the closest valid argument, or lists them all.
+    """
+    from hydra.utils import get_object
+
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return
+    try:
+        parameters = inspect.signature(get_object(target)).parameters.values()
+    except Exception as err:  # noqa: BLE001 - an unknown target is the user's to fix
+        raise ConfigError(f"`{key}._target_={target}` cannot be imported: {err}") from None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    for name in node:
+        if str(name).startswith("_") or name in valid:
+            continue
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f"did you mean `{key}.{close[0]}`?" if close else f"valid ones: {', '.join(valid)}"
+        raise ConfigError(f"`{key}.{name}` is not an argument of {target}; {hint}")

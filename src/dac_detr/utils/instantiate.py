@@ -10,11 +10,14 @@ from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from .config_checks import check_arguments
+
 log = logging.getLogger("dac_detr")
 
 
 def build_datamodule(cfg: DictConfig, stage: str = "fit") -> LightningDataModule:
     """The data module, prepared (downloads/synthetic generation) and set up, so its classes are known."""
+    check_arguments(cfg.data, "data")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup(stage)
@@ -23,6 +26,8 @@ def build_datamodule(cfg: DictConfig, stage: str = "fit") -> LightningDataModule
 
 def build_detector(cfg: DictConfig, num_classes: int):
     """``model`` config + ``backbone`` config + the data set's number of classes -> the detector."""
+    check_arguments(cfg.backbone, "backbone")
+    check_arguments(cfg.model, "model")
     backbone = instantiate(cfg.backbone)
     return instantiate(cfg.model, backbone=backbone, num_classes=num_classes)
 

@@ -40,9 +40,8 @@ def find_last_checkpoint(search_dir: str | Path, overrides: Iterable[str]) -> Op
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def read_checkpoint_metadata(path: str | Path) -> dict:
-    """The ``dac_detr`` entry of a checkpoint (config, class names, W&B run id), memory-mapped."""
-    checkpoint = read_checkpoint_file(
+def read_resume_checkpoint(path: str | Path) -> dict:
+    """The checkpoint to resume, memory-mapped (its ``dac_detr`` entry: config, class names, W&B run id)."""
+    return read_checkpoint_file(
         path, trusted=True, mmap=True, fix="Resume from a last.ckpt written by dac_detr.train (ckpt_path=PATH or last)."
     )
-    return dict(checkpoint.get("dac_detr") or {})

@@ -19,15 +19,17 @@ log = logging.getLogger("dac_detr")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's input: their messages already name the problem and the fix.
 
-    CheckpointError covers the pretrained-weight and official-checkpoint errors (its subclasses).
+    CheckpointError covers the pretrained-weight and official-checkpoint errors (its subclasses);
+    Lightning's MisconfigurationException names the conflicting Trainer settings.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from omegaconf.errors import MissingMandatoryValue
 
     from ..data.errors import DataError
     from .checkpoint import CheckpointError
     from .config_checks import ConfigError
 
-    return (DataError, CheckpointError, ConfigError, MissingMandatoryValue)
+    return (DataError, CheckpointError, ConfigError, MissingMandatoryValue, MisconfigurationException)
 
 
 def user_error_message(err: BaseException) -> Optional[str]:
