@@ -94,7 +94,29 @@ def collect(log_dir: Path, runs_dir: Path) -> int:
             shutil.copyfile(record.pop("metrics_file"), out / f"{key}.csv")
             (out / f"{key}.json").write_text(json.dumps(record, indent=1) + "\n")
             count += 1
+    _default_cell_from_arms(runs_dir)
     return count
+
+
+def _default_cell_from_arms(runs_dir: Path) -> None:
+    """The ablation's default cell is the arms' ``dac`` run at the ablation's seed (same config).
+
+    run_study.sh does not run it twice; copy it into the grid unless the ablation ran it itself.
+    """
+    ablation = [json.loads(p.read_text()) for p in sorted((runs_dir / "ablation").glob("*.json"))]
+    if not ablation:
+        return
+    seed = ablation[0]["seed"]
+    source_csv, source_json = runs_dir / "arms" / f"dac_seed{seed}.csv", runs_dir / "arms" / f"dac_seed{seed}.json"
+    if not source_json.is_file():
+        return
+    record = json.loads(source_json.read_text())
+    key = _run_key("ablation", record)  # e.g. thr0.4_topk6 (dots: build names, never with_suffix)
+    target_csv, target_json = runs_dir / "ablation" / f"{key}.csv", runs_dir / "ablation" / f"{key}.json"
+    if target_json.is_file() and not json.loads(target_json.read_text()).get("from_arms"):
+        return
+    shutil.copyfile(source_csv, target_csv)
+    target_json.write_text(json.dumps({**record, "from_arms": source_json.stem}, indent=1) + "\n")
 
 
 def _run_key(part: str, record: dict) -> str:
@@ -115,7 +137,7 @@ def load_runs(runs_dir: Path, part: str) -> list[dict]:
     runs = []
     for record_file in sorted((runs_dir / part).glob("*.json")):
         record = json.loads(record_file.read_text())
-        rows = _val_rows(record_file.with_suffix(".csv"))
+        rows = _val_rows(record_file.parent / f"{record_file.stem}.csv")
         columns = [c for c, _ in METRICS + QPO]
         record["curve"] = {c: [float(r[c]) if r.get(c) else math.nan for r in rows] for c in columns}
         record["epochs"] = [int(r["epoch"]) + 1 for r in rows]

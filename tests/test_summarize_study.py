@@ -114,3 +114,20 @@ def test_collect_takes_finished_jobs_only(tmp_path, summary):
 def test_no_runs_is_a_clear_error(tmp_path, summary):
     with pytest.raises(SystemExit, match="run_study.sh"):
         summary.summarize(tmp_path / "none", tmp_path / "results.md", tmp_path / "figures")
+
+
+def test_default_ablation_cell_comes_from_the_arms(tmp_path, summary):
+    """The grid's (0.4, 6) cell is the arms' dac run at the ablation's seed, unless the ablation ran it."""
+    runs = tmp_path / "runs"
+    write_run(runs / "arms", "dac_seed1", {"arm": "dac", "seed": 1, "threshold": 0.4, "topk": 6}, 0.31)
+    write_run(runs / "arms", "dac_seed2", {"arm": "dac", "seed": 2, "threshold": 0.4, "topk": 6}, 0.99)
+    write_run(runs / "ablation", "thr0.3_topk4", {"arm": "dac", "seed": 1, "threshold": 0.3, "topk": 4}, 0.2)
+    assert summary.collect(tmp_path / "no_logs", runs) == 0
+    cell = json.loads((runs / "ablation" / "thr0.4_topk6.json").read_text())
+    assert cell["from_arms"] == "dac_seed1" and cell["seed"] == 1
+    thresholds, topks, grid = summary.ablation_grid(summary.load_runs(runs, "ablation"))
+    assert grid[thresholds.index(0.4)][topks.index(6)] == pytest.approx(31.0)
+    # A cell the ablation ran itself is kept.
+    write_run(runs / "ablation", "thr0.4_topk6", {"arm": "dac", "seed": 1, "threshold": 0.4, "topk": 6}, 0.5)
+    summary.collect(tmp_path / "no_logs", runs)
+    assert "from_arms" not in json.loads((runs / "ablation" / "thr0.4_topk6.json").read_text())
