@@ -161,7 +161,7 @@ def arms_table(runs: list[dict]) -> str:
         cells = [f"`{arm}`", ", ".join(str(r["seed"]) for r in sorted(arm_runs, key=lambda r: r["seed"]))]
         for column, _ in METRICS:
             values = [100 * r["curve"][column][-1] for r in arm_runs]
-            if all(v < 0 for v in values):  # COCO's -1: no object of that size in the val set
+            if all(v < 0 or math.isnan(v) for v in values):  # COCO -1 or not logged: no object of that size
                 cells.append("n/a")
                 continue
             mean, std = mean_std(values)
