@@ -1,12 +1,11 @@
 """Benchmark of multi-scale deformable attention: the Triton kernels against the grid_sample path.
 
-Protocol (docs/kernels.md, Benchmark protocol):
+Protocol (docs/kernels.md and docs/benchmarks.md describe the kernels and the figures):
 
 * correctness first, in the same run: output and all three gradients of every implementation
   against the fp32 grid_sample path fed the same (upcast) inputs, with the tolerance stated;
-* shapes of DAC-DETR training (docs/kernels.md, Shapes and minimum traffic): the encoder call (B =
-  2, S = Q = 22,223 at 800x1333) and the decoder call (B = 2, Q = 1,100); bf16 and fp32 values, fp32
-  locations and weights;
+* shapes of DAC-DETR training: the encoder call (B = 2, S = Q = 22,223 at 800x1333) and
+  the decoder call (B = 2, Q = 1,100); bf16 and fp32 values, fp32 locations and weights;
 * three location sets: ``train`` (encoder: every token's own pixel plus rings of 1-4 px;
   decoder: queries clustered on a few boxes), ``uniform`` (the worst case for locality) and
   ``concentrated`` (all queries on 3 small objects: the worst case for atomic contention); each
@@ -15,14 +14,17 @@ Protocol (docs/kernels.md, Benchmark protocol):
   ``triton.testing.do_bench`` (L2 flushed before each call; decoder also under a CUDA graph),
   implementations interleaved A B A B ... over several rounds in one process; median and the
   20-80 % spread;
-* the reference CUDA op (Deformable-DETR ``MultiScaleDeformableAttention`` or ``mmcv.ops``) as an
-  extra fp32 column only when it happens to be importable (never built or vendored here);
+* the reference CUDA op (Deformable-DETR / DAC-DETR ``MultiScaleDeformableAttention``) as an
+  extra column, fed fp32 inputs: built on the GPU machine by ``scripts/msda_reference_op.py`` from a
+  git-ignored copy of the official sources (``--reference-build DIR``), or an installed
+  ``mmcv.ops`` / extension; never vendored here. When it is missing the JSON says why;
 * memory kept for backward (bytes of saved tensors beyond the inputs, any device) and, on CUDA,
   the peak allocation of forward and backward;
-* % of the HBM roofline = compulsory bytes (docs/kernels.md, Shapes and minimum traffic) / time /
-  copy bandwidth measured here.
+* % of the HBM roofline = compulsory bytes (the least traffic one call must move: values, locations,
+  weights and output once) / time / copy bandwidth measured here.
 
-Everything goes to a JSON file (default ``scripts/results/bench_msda.json``) and a table on stdout.
+Everything goes to a JSON file (default ``scripts/results/bench_msda.json``, rewritten after every
+case, so a run stopped at a time limit keeps the cases it finished) and a table on stdout.
 
 Without CUDA (or with ``--cpu-smoke``) it runs a reduced mode so CI can check it does not rot:
 small shapes, the grid_sample path timed with a wall clock, and the Triton kernels in the Triton
@@ -31,6 +33,7 @@ Those CPU timings say nothing about GPU performance.
 
     python scripts/bench_msda.py                       # full GPU run
     python scripts/bench_msda.py --calls decoder --dtypes bf16 --dists train
+    python scripts/bench_msda.py --reference-build /tmp/msda_ref     # with the reference op column
     python scripts/bench_msda.py --cpu-smoke --out /tmp/msda.json
 """
 
@@ -72,6 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=200.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_msda.json")
+    parser.add_argument("--reference-build", type=Path, help="build folder of scripts/msda_reference_op.py")
+    parser.add_argument("--reference-unavailable", default="", help="why there is no reference op (recorded)")
     args = parser.parse_args(argv)
     for name, allowed in (("calls", CALLS), ("dtypes", DTYPES), ("dists", DISTS)):
         values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
@@ -95,6 +100,9 @@ if SMOKE:
 
 from dac_detr.kernels import ms_deform_attn_torch  # noqa: E402
 from dac_detr.kernels import ops as msda_ops  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from msda_reference_op import find_reference_op  # noqa: E402
 
 msda_triton = msda_ops.msda_triton  # None when triton does not import
 
@@ -247,36 +255,6 @@ def triton_impl(case):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}, outputs
 
 
-def find_reference_op():
-    """The reference CUDA op, if the user has it installed: (name, apply(v, ss, lsi, loc, w))."""
-    try:
-        from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttnFunction
-
-        return "mmcv", lambda *a: MultiScaleDeformableAttnFunction.apply(*a, 64)
-    except Exception:
-        pass
-    try:
-        import MultiScaleDeformableAttention as reference_ext  # Deformable-DETR's models/ops build
-
-        class Reference(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, value, spatial_shapes, level_start_index, loc, weights):
-                ctx.save_for_backward(value, spatial_shapes, level_start_index, loc, weights)
-                return reference_ext.ms_deform_attn_forward(value, spatial_shapes, level_start_index, loc, weights, 64)
-
-            @staticmethod
-            def backward(ctx, grad_out):
-                value, ss, lsi, loc, weights = ctx.saved_tensors
-                gv, gl, gw = reference_ext.ms_deform_attn_backward(
-                    value, ss, lsi, loc, weights, grad_out.contiguous(), 64
-                )
-                return gv, None, None, gl, gw
-
-        return "Deformable-DETR", Reference.apply
-    except Exception:
-        return None, None
-
-
 def reference_impl(apply):
     """The reference op runs fp32 only; half inputs are cast, as DINO/detrex do under AMP."""
 
@@ -399,8 +377,8 @@ def memory_report(case, impl_name, reference_apply):
 
 
 def compulsory_bytes(case):
-    """HBM minimum per call (docs/kernels.md, Shapes and minimum traffic); backward includes the
-    fp32 zero-fill and cast."""
+    """HBM minimum per call: every input read and every output written once; backward includes
+    the fp32 zero-fill of grad_value and its cast to the value dtype."""
     bv = case.value.element_size()
     _, _, heads, head_dim = case.value.shape
     n = case.batch * case.num_queries * heads * len(case.levels) * NUM_POINTS
@@ -486,7 +464,7 @@ def plan(args):
     if not SMOKE:
         impls = ["triton", "grid_sample"] if msda_triton is not None else ["grid_sample"]
         return [(c, d, s, args.batch, ENCODER_LEVELS, DECODER_QUERIES, NUM_HEADS, HEAD_DIM, impls)
-                for c in args.calls for d in args.dtypes for s in args.dists]  # fmt: skip
+                for s in args.dists for c in args.calls for d in args.dtypes]  # location sets outermost: the training-like cases first  # fmt: skip
     # CPU smoke: a fixed small plan that still walks every code path (both calls, all three
     # location generators, a half dtype, the interpreted kernels) in well under a minute: the
     # grid_sample path at a small shape, the kernels in the interpreter at a tiny one (2 heads,
@@ -501,56 +479,74 @@ def plan(args):
     return runs
 
 
-def run(args):
+def reference_op(args, device):
+    """(name, apply, why not) of the reference CUDA op for this run (CUDA only)."""
+    if device.type != "cuda":
+        return None, None, "no CUDA device: the reference op is CUDA only"
+    if args.reference_unavailable:
+        return None, None, args.reference_unavailable
+    return find_reference_op(args.reference_build)
+
+
+def measure_case(case, impl_names, reference_apply, args, bandwidth):
+    """One case's correctness, memory and interleaved timings -> its JSON entry."""
+    device = case.value.device
+    names = list(impl_names) + (["reference"] if reference_apply is not None else [])
+    builders = {"triton": triton_impl, "grid_sample": grid_sample_impl}
+    if reference_apply is not None:
+        builders["reference"] = reference_impl(reference_apply)
+    impls = {name: builders[name](case) for name in names}
+    entry = {**case.describe(), "bytes": compulsory_bytes(case), "correctness": {}, "timings": {}, "memory": {}}
+    for name, (_, outputs_fn) in impls.items():
+        entry["correctness"][name] = correctness(case, outputs_fn, checked=name != "grid_sample")
+        entry["memory"][name] = memory_report(case, name, reference_apply)
+    timings = {name: {mode: [] for mode in MODES} for name in impls}
+    graph_timings = {name: [] for name in impls}
+    for _ in range(args.rounds):  # interleaved: A B A B ...
+        for mode in MODES:
+            for name, (fns, _) in impls.items():
+                timings[name][mode].append(quantiles_ms(fns[mode], args.warmup_ms, args.rep_ms))
+        if device.type == "cuda" and case.call == "decoder":
+            for name, (fns, _) in impls.items():
+                try:
+                    graph_timings[name].append(quantiles_ms(fns["fwd"], 0, args.rep_ms, cuda_graph=True))
+                except Exception as error:  # e.g. an op that syncs cannot be captured
+                    graph_timings[name] = f"not capturable: {error!r}"[:200]
+    for name in impls:
+        entry["timings"][name] = {mode: summarise(timings[name][mode]) for mode in MODES}
+        for mode in MODES:
+            t = entry["timings"][name][mode]
+            t["hbm_roofline_pct"] = 100 * entry["bytes"][mode] / (t["median_us"] * 1e-6) / (bandwidth * 1e9)
+        if isinstance(graph_timings[name], list) and graph_timings[name]:
+            entry["timings"][name]["fwd_cudagraph"] = summarise(graph_timings[name])
+        elif isinstance(graph_timings[name], str):
+            entry["timings"][name]["fwd_cudagraph"] = graph_timings[name]
+    return entry
+
+
+def run(args, on_case=lambda results: None):
+    """All cases of the plan; ``on_case(results)`` after each one (the JSON is rewritten there)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
     if SMOKE:
         args.rounds, args.warmup_ms, args.rep_ms = 1, 0.0, 20.0
         torch.set_num_threads(1)  # shared CI cores: one thread avoids oversubscription noise
-    reference_name, reference_apply = find_reference_op() if device.type == "cuda" else (None, None)
+    reference_name, reference_apply, reference_missing = reference_op(args, device)
     bandwidth = copy_bandwidth_GBps(device)
     results = {"environment": environment(device), "copy_bandwidth_GBps": bandwidth,
-               "reference_op": reference_name, "protocol": {
+               "reference_op": reference_name, "reference_op_unavailable": reference_missing, "protocol": {
                    "rounds": args.rounds, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                    "timer": "triton.testing.do_bench (L2 flushed)" if device.type == "cuda" else "perf_counter",
                    "quantiles": [0.2, 0.5, 0.8],
                    "notes": "triton: the kernels' launchers called directly (the custom op adds only its "
                             "dispatch); bwd includes the fp32 grad_value zero-fill and cast. grid_sample and "
-                            "reference: autograd, bwd = autograd.grad on a retained graph. Roofline bytes: "
-                            "docs/kernels.md (Shapes and minimum traffic), fp32 locations/weights."}, "cases": []}  # fmt: skip
+                            "reference: autograd, bwd = autograd.grad on a retained graph; the reference op is "
+                            "fed fp32 inputs. Roofline bytes: compulsory traffic with fp32 locations/weights."},
+               "cases": []}  # fmt: skip
     for call, dtype, dist, batch, levels, decoder_queries, heads, head_dim, impl_names in plan(args):
         case = make_case(call, dtype, dist, batch, levels, decoder_queries, device, heads, head_dim)
-        names = list(impl_names) + (["reference"] if reference_apply is not None else [])
-        builders = {"triton": triton_impl, "grid_sample": grid_sample_impl}
-        if reference_apply is not None:
-            builders["reference"] = reference_impl(reference_apply)
-        impls = {name: builders[name](case) for name in names}
-        entry = {**case.describe(), "bytes": compulsory_bytes(case), "correctness": {}, "timings": {}, "memory": {}}
-        for name, (_, outputs_fn) in impls.items():
-            entry["correctness"][name] = correctness(case, outputs_fn, checked=name != "grid_sample")
-            entry["memory"][name] = memory_report(case, name, reference_apply)
-        timings = {name: {mode: [] for mode in MODES} for name in impls}
-        graph_timings = {name: [] for name in impls}
-        for _ in range(args.rounds):  # interleaved: A B A B ...
-            for mode in MODES:
-                for name, (fns, _) in impls.items():
-                    timings[name][mode].append(quantiles_ms(fns[mode], args.warmup_ms, args.rep_ms))
-            if device.type == "cuda" and call == "decoder":
-                for name, (fns, _) in impls.items():
-                    try:
-                        graph_timings[name].append(quantiles_ms(fns["fwd"], 0, args.rep_ms, cuda_graph=True))
-                    except Exception as error:  # e.g. an op that syncs cannot be captured
-                        graph_timings[name] = f"not capturable: {error!r}"[:200]
-        for name in impls:
-            entry["timings"][name] = {mode: summarise(timings[name][mode]) for mode in MODES}
-            for mode in MODES:
-                t = entry["timings"][name][mode]
-                t["hbm_roofline_pct"] = 100 * entry["bytes"][mode] / (t["median_us"] * 1e-6) / (bandwidth * 1e9)
-            if isinstance(graph_timings[name], list) and graph_timings[name]:
-                entry["timings"][name]["fwd_cudagraph"] = summarise(graph_timings[name])
-            elif isinstance(graph_timings[name], str):
-                entry["timings"][name]["fwd_cudagraph"] = graph_timings[name]
-        results["cases"].append(entry)
-        del impls, case
+        results["cases"].append(measure_case(case, impl_names, reference_apply, args, bandwidth))
+        on_case(results)
+        del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
@@ -560,7 +556,8 @@ def format_table(results):
     lines = [
         f"device: {results['environment'].get('gpu', results['environment']['device'])}  "
         f"torch {results['environment']['torch']}  triton {results['environment']['triton']}  "
-        f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s  reference op: {results['reference_op']}",
+        f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s  reference op: "
+        f"{results['reference_op'] or 'none (' + str(results['reference_op_unavailable']) + ')'}",
         f"{'call':8} {'dtype':5} {'locations':12} {'B':>2} {'S':>6} {'Q':>6} {'impl':12} {'mode':8} "
         f"{'median us':>10} {'p20-p80 us':>17} {'x grid_s':>8} {'% HBM':>6} {'saved MB':>9} {'correct':>7}",
     ]
@@ -584,19 +581,26 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def main():
-    results = run(args)
+def write_json(results):
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    partial = args.out.with_name(args.out.name + ".part")
+    partial.write_text(json.dumps(results, indent=1))
+    os.replace(partial, args.out)  # never a half-written file, even when stopped from outside
+
+
+def main():
+    results = run(args, on_case=write_json)
+    write_json(results)
     print(format_table(results))
     print(f"wrote {args.out}")
     failed = [(e["call"], e["value_dtype"], e["locations"], name)
               for e in results["cases"] for name, c in e["correctness"].items()
               if any(v["ok"] is False for v in c.values())]  # fmt: skip
+    ours = [f for f in failed if f[-1] != "reference"]
     if failed:
+        # The reference op is someone else's code: its disagreement is reported, not fatal.
         print(f"correctness check FAILED for {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if ours else 0
 
 
 if __name__ == "__main__":
