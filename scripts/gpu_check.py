@@ -350,7 +350,7 @@ def part_train_quickstart(ctx: Context, limit: float) -> dict:
 
 
 def loss_curve(paths: list[Path]) -> dict | None:
-    """train/loss_step by step, first and last quarter means, and any non-finite logged value."""
+    """train/loss_step by step, first and last quarter means, and any non-finite training value."""
     if not paths:
         return None
     with open(paths[-1]) as f:
@@ -358,7 +358,9 @@ def loss_curve(paths: list[Path]) -> dict | None:
     losses, non_finite = [], set()
     for row in rows:
         for key, text in row.items():
-            if text not in ("", None) and key not in ("epoch", "step") and not math.isfinite(float(text)):
+            # Training values only: a COCO metric of an area range with no objects in a small val
+            # set is legitimately NaN.
+            if text not in ("", None) and key.startswith(("train/", "lr-")) and not math.isfinite(float(text)):
                 non_finite.add(key)
         if row.get("train/loss_step"):
             losses.append((int(row["step"]), float(row["train/loss_step"])))
