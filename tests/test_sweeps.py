@@ -55,3 +55,13 @@ def test_optuna_search_over_the_one_to_many_settings(tmp_path_factory, tmp_path)
     assert 0.0 <= best["best_value"] <= 1.0
     trial_overrides = [yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) for d in sorted(sweep.iterdir()) if d.is_dir()]
     assert len(trial_overrides) == 2 and all(any(o.startswith("dac.o2m.topk=") for o in t) for t in trial_overrides)
+
+    # the study persists by default (sqlite under the log folder): a stopped sweep can continue
+    import optuna
+
+    database = tmp_path / "quickstart" / "optuna" / "dac_o2m.db"
+    assert database.is_file(), f"no study database at {database}"
+    study = optuna.load_study(study_name="dac_o2m", storage=f"sqlite:///{database}")
+    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 2
+    assert abs(study.best_value - best["best_value"]) < 1e-9
