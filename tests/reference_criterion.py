@@ -18,6 +18,15 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+# Pure helpers the batched code still uses unchanged (tested against their formulas in
+# tests/test_losses.py) come from the package; what the batching rewrote stays frozen below.
+from dac_detr.losses.functional import (
+    _at_least_float32,
+    iou_aware_quality,
+    paired_box_iou,
+    rank_weights,
+    rank_within_groups,
+)
 from dac_detr.boxes import (
     box_cxcywh_to_xyxy,
     box_iou,
@@ -27,61 +36,6 @@ from dac_detr.boxes import (
 
 
 # ---- frozen from src/dac_detr/losses/functional.py ----
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def iou_aware_quality(
-    pos_prob: Tensor, pos_iou: Tensor, alpha: float = 0.25, min_quality: float = 0.01
-) -> Tensor:
-    """Align-DETR's quality target t = p^alpha · IoU^(1-alpha), clamped below, detached.
-
-    Args:
-        pos_prob: (K,) sigmoid probability of each positive at its GT class.
-        pos_iou: (K,) IoU of each positive's predicted box with its GT box.
-    Returns:
-        (K,) targets in [min_quality, 1], without gradient (the official code detaches t).
-    """
-    with torch.no_grad():
-        return (pos_prob.pow(alpha) * pos_iou.clamp(min=0).pow(1 - alpha)).clamp(min=min_quality)
-
-
-def rank_within_groups(groups: Tensor, quality: Tensor) -> Tensor:
-    """Rank of every entry inside its group by descending quality: 0 for the best.
-
-    Args:
-        groups: (K,) int64 group id of each entry (for the criterion: one id per (image, GT)).
-        quality: (K,) the value ranked, higher first.
-    Returns:
-        (K,) int64 ranks. Ties keep the input order (stable sort), so for the one-to-many
-        assignment, whose pairs come in descending assignment score within a GT, a tie of t
-        (e.g. two positives at the 0.01 clamp) is broken by the assignment score.
-    """
-    if groups.numel() == 0:
-        return groups.new_zeros(0)
-    by_quality = torch.sort(quality, descending=True, stable=True).indices
-    by_group = torch.sort(groups[by_quality], stable=True).indices
-    order = by_quality[by_group]  # grouped, and within a group best first
-    sorted_groups = groups[order]
-    position = torch.arange(groups.numel(), device=groups.device)
-    starts = torch.ones_like(sorted_groups, dtype=torch.bool)
-    starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    # the position where each entry's group begins (a running max, so no wait for the GPU)
-    group_start = torch.cummax(torch.where(starts, position, 0), dim=0).values
-    ranks = torch.empty_like(groups)
-    ranks[order] = position - group_start
-    return ranks
-
-
-def rank_weights(groups: Tensor, quality: Tensor, tau: float = 1.5) -> Tensor:
-    """Prime-sample weights exp(-r / tau), r = rank of the entry's quality within its group.
-
-    With tau = 1.5 the weights of ranks 0..5 are 1, 0.513, 0.264, 0.135, 0.069, 0.036.
-    Shapes: groups (K,), quality (K,) -> (K,) in quality's dtype.
-    """
-    return torch.exp(-rank_within_groups(groups, quality).to(quality.dtype) / tau)
-
-
 DUPLICATE_TARGETS = ("last", "max")
 
 
@@ -213,11 +167,6 @@ def box_giou_loss(src_boxes: Tensor, target_boxes: Tensor, weights: Tensor | Non
     if weights is not None:
         per_box = per_box * weights
     return per_box.sum()
-
-
-def paired_box_iou(src_boxes: Tensor, target_boxes: Tensor) -> Tensor:
-    """IoU of each predicted cxcywh box with its own target: (K, 4) x (K, 4) -> (K,)."""
-    return elementwise_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes.to(src_boxes.dtype)))
 
 
 # ---- frozen from src/dac_detr/losses/matcher.py ----
