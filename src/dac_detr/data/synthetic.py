@@ -10,7 +10,7 @@ split depends only on (seed, split, i).
 
 Command line::
 
-    python -m dac_detr.data.synthetic OUT_DIR --train 1500 --val 100 --image-size 128 --seed 0
+    python -m dac_detr.data.synthetic OUT_DIR --train 1500 --val 100 --image-size 128 --seed 0 [--classes 3]
 
 writes ``OUT_DIR/{train2017,val2017}/*.jpg`` and ``OUT_DIR/annotations/instances_{train,val}2017.json``.
 ``ensure_synthetic_coco()`` does the same into a cache folder on first use and reuses it after.
@@ -141,9 +141,13 @@ def _boxes_touch(a: tuple[int, int, int, int], b: tuple[int, int, int, int], mar
 
 
 def render_image(
-    rng: np.random.Generator, size: int, max_objects: int = 4, small_fraction: float | None = None
+    rng: np.random.Generator, size: int, max_objects: int = 4, small_fraction: float | None = None,
+    num_classes: int = len(CLASSES),
 ) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
-    """One image: (size, size, 3) uint8 and a list of (category id, [x, y, w, h] of the visible pixels)."""
+    """One image: (size, size, 3) uint8 and a list of (category id, [x, y, w, h] of the visible pixels).
+
+    Objects are drawn from the first ``num_classes`` classes (fewer classes: a set to fine-tune on).
+    """
     image = _background(rng, size)
     num_objects = 0 if rng.random() < EMPTY_IMAGE_FRACTION else int(rng.integers(1, max_objects + 1))
     ranges = size_ranges(size)
@@ -152,7 +156,7 @@ def render_image(
     shortest = min(r[0] for r in ranges.values())
     plans = []
     for _ in range(num_objects):
-        cls = int(rng.integers(len(CLASSES)))
+        cls = int(rng.integers(num_classes))
         lo, hi = ranges[names[int(rng.choice(len(names), p=mix))]]
         side = int(rng.integers(lo, hi + 1))
         w = h = side
@@ -192,7 +196,8 @@ def render_image(
 
 
 def write_split(
-    out_dir: Path, split: str, num_images: int, image_size: int, seed: int, max_objects: int, small_fraction: float | None = None
+    out_dir: Path, split: str, num_images: int, image_size: int, seed: int, max_objects: int,
+    small_fraction: float | None = None, num_classes: int = len(CLASSES),
 ) -> None:
     """Write ``out_dir/{split}2017/*.jpg`` and ``out_dir/annotations/instances_{split}2017.json``."""
     from PIL import Image
@@ -203,7 +208,7 @@ def write_split(
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
-        pixels, objects = render_image(rng, image_size, max_objects, small_fraction)
+        pixels, objects = render_image(rng, image_size, max_objects, small_fraction, num_classes)
         image_id = i + 1
         file_name = f"{image_id:012d}.jpg"
         # 4:4:4 chroma keeps the colours of small objects crisp.
@@ -225,13 +230,16 @@ def write_split(
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, (name, _) in enumerate(CLASSES)],
+        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, (name, _) in enumerate(CLASSES[:num_classes])],
     }
     with (out_dir / "annotations" / f"instances_{split}2017.json").open("w") as f:
         json.dump(data, f)
 
 
-def _check_args(num_train: int, num_val: int, image_size: int, max_objects: int, small_fraction: float | None = None) -> None:
+def _check_args(num_train: int, num_val: int, image_size: int, max_objects: int, small_fraction: float | None = None,
+                num_classes: int = len(CLASSES)) -> None:
+    if not 1 <= num_classes <= len(CLASSES):
+        raise ValueError(f"The synthetic set has 1 to {len(CLASSES)} classes, got num_classes={num_classes}.")
     if num_train < 1 or num_val < 1:
         raise ValueError(f"The synthetic set needs at least one train and one val image, got {num_train} and {num_val}.")
     if image_size < 32:
@@ -250,23 +258,25 @@ def generate_synthetic_coco(
     seed: int = DEFAULTS["seed"],
     max_objects: int = DEFAULTS["max_objects"],
     small_fraction: float | None = DEFAULTS["small_fraction"],
+    num_classes: int = len(CLASSES),
 ) -> Path:
     """Write the data set into ``out_dir`` atomically: into a temporary sibling, then one rename.
 
     ``out_dir`` must not exist yet (or be empty). An interrupted run leaves only a temporary
     folder behind, never a half-written ``out_dir``. Returns ``out_dir``.
     """
-    _check_args(num_train, num_val, image_size, max_objects, small_fraction)
+    _check_args(num_train, num_val, image_size, max_objects, small_fraction, num_classes)
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose another folder or delete it.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        write_split(tmp, "train", num_train, image_size, seed, max_objects, small_fraction)
-        write_split(tmp, "val", num_val, image_size, seed, max_objects, small_fraction)
+        write_split(tmp, "train", num_train, image_size, seed, max_objects, small_fraction, num_classes)
+        write_split(tmp, "val", num_val, image_size, seed, max_objects, small_fraction, num_classes)
         params = {"generator_version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
-                  "image_size": image_size, "seed": seed, "max_objects": max_objects, "small_fraction": small_fraction}
+                  "image_size": image_size, "seed": seed, "max_objects": max_objects, "small_fraction": small_fraction,
+                  "num_classes": num_classes}
         (tmp / "synthetic.json").write_text(json.dumps(params, indent=1))
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
@@ -334,15 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--max-objects", type=int, default=DEFAULTS["max_objects"], help="most objects per image")
     parser.add_argument("--small-fraction", type=float, default=None, help="share of COCO-small objects (default: the built-in mix)")
+    parser.add_argument("--classes", type=int, default=len(CLASSES),
+                        help=f"number of classes, the first N of {', '.join(n for n, _ in CLASSES)}")
     args = parser.parse_args(argv)
     try:
         out = generate_synthetic_coco(
-            args.out_dir, args.train, args.val, args.image_size, args.seed, args.max_objects, args.small_fraction
+            args.out_dir, args.train, args.val, args.image_size, args.seed, args.max_objects, args.small_fraction,
+            args.classes,
         )
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.train} train and {args.val} val images to {out}")
+    print(f"wrote {args.train} train and {args.val} val images ({args.classes} classes) to {out}")
     return 0
 
 
