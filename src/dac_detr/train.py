@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .utils.checkpoint import CheckpointError, compare_state_dicts, without_pretrained_download
@@ -186,7 +188,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(module.run_metadata["config"])
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # Lightning stops on SIGTERM with a SystemExit that has no code (exit status 0), after
+        # SaveOnInterrupt wrote last.ckpt. A preempted job must not look finished to SLURM or a
+        # script: exit with the status of a process killed by SIGTERM (128 + 15).
+        raise SystemExit(128 + signal.SIGTERM) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     if cfg.get("validate_after_fit"):

@@ -88,6 +88,23 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"Config key `{key}` is {value!r} ({type(value).__name__}); expected {expected}.")
 
 
+def _accepted_arguments(target: Any) -> list[str] | None:
+    """The keyword arguments ``target`` accepts, or None when it takes any (``**kwargs`` that go nowhere known).
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base (``SyntheticCocoDataModule`` ->
+    ``CocoDataModule``) accepts its own arguments plus the base's: the bases are followed until one
+    takes no ``**kwargs``.
+    """
+    owners = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+    valid: list[str] = []
+    for function in owners:
+        parameters = inspect.signature(function).parameters.values()
+        valid += [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return valid
+    return None
+
+
 def check_arguments(node: DictConfig, key: str) -> None:
     """Raise ConfigError if ``node`` (a ``_target_`` config at ``key``) sets an argument its target lacks.
 
@@ -100,12 +117,11 @@ def check_arguments(node: DictConfig, key: str) -> None:
     if not isinstance(target, str):
         return
     try:
-        parameters = inspect.signature(get_object(target)).parameters.values()
+        valid = _accepted_arguments(get_object(target))
     except Exception as err:  # noqa: BLE001 - an unknown target is the user's to fix
         raise ConfigError(f"`{key}._target_={target}` cannot be imported: {err}") from None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    if valid is None:
         return
-    valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
     for name in node:
         if str(name).startswith("_") or name in valid:
             continue
