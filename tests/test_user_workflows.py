@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from dac_detr.data.synthetic import ensure_synthetic_coco
@@ -170,3 +171,23 @@ def test_help_says_what_the_command_does_with_three_examples(entry, tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert lines[0].startswith(f"dac_detr.{entry}: "), lines[:3]
     assert sum(f"python -m dac_detr.{entry}" in line for line in lines[1:6]) >= 3, lines[:6]
+
+
+# ---------------------------------------------------------------- warnings a user needs, once
+
+
+def test_more_objects_than_queries_is_one_warning(data_root, tmp_path, caplog):
+    from dac_detr.train import warn_if_more_objects_than_queries
+    from dac_detr.utils.instantiate import build_datamodule
+
+    cfg = compose_train([*tiny_data_overrides(data_root), *short_run_overrides(tmp_path)], output_dir=tmp_path)
+    datamodule = build_datamodule(cfg, "fit")
+    counts = np.diff(datamodule.dataset("train").split.offsets)
+    with caplog.at_level("WARNING", logger="dac_detr"):
+        warn_if_more_objects_than_queries(datamodule, int(counts.max()))  # enough queries: silent
+        assert not caplog.records
+        warn_if_more_objects_than_queries(datamodule, int(counts.max()) - 1)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert f"{int((counts > counts.max() - 1).sum())} training images" in record.message
+    assert f"Raise model.num_queries above {int(counts.max())}" in record.message

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import hydra
 import lightning as L
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -150,6 +151,24 @@ def _check_resume_fits(module: L.LightningModule, checkpoint: dict[str, Any], ck
         )
 
 
+def warn_if_more_objects_than_queries(datamodule, num_queries: int) -> None:
+    """One WARNING when a training image has more objects than the detector has queries.
+
+    The one-to-one matching can then pair only ``num_queries`` of them, so the others never get a
+    prediction of their own; the run still works, which is why this is a warning and not an error.
+    """
+    split = datamodule.dataset("train").split
+    per_image = np.diff(split.offsets)
+    crowded = per_image > num_queries
+    if crowded.any():
+        worst = int(per_image.argmax())
+        log.warning(
+            "%d training images have more objects than model.num_queries=%d (most: %d in %s); the one-to-one "
+            "matching leaves the extra objects unmatched. Raise model.num_queries above %d.",
+            int(crowded.sum()), num_queries, int(per_image[worst]), split.file_names[worst], int(per_image.max()),
+        )
+
+
 def _build_trainer(cfg: DictConfig, loggers: list, resume_command: str):
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     callbacks.append(SaveOnInterrupt(_checkpoint_dir(cfg), resume_command))
@@ -172,6 +191,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Data: %s", cfg.data._target_)
     datamodule = build_datamodule(cfg, "fit")
     log.info("Model: %s with %s, %d classes", cfg.model._target_, cfg.backbone._target_, datamodule.num_classes)
+    warn_if_more_objects_than_queries(datamodule, int(cfg.model.num_queries))
     module = build_module(cfg, datamodule.num_classes, training=True)
     module.run_metadata = run_metadata(cfg, datamodule)
     if ckpt_path:
