@@ -191,3 +191,15 @@ def test_more_objects_than_queries_is_one_warning(data_root, tmp_path, caplog):
     assert record.levelname == "WARNING"
     assert f"{int((counts > counts.max() - 1).sum())} training images" in record.message
     assert f"Raise model.num_queries above {int(counts.max())}" in record.message
+
+
+@pytest.mark.parametrize("content, expected", [(None, "does not exist"), (b"not a checkpoint", "could not read")])
+def test_the_official_checkpoint_converter_fails_in_one_line(content, expected, tmp_path):
+    source = tmp_path / "official.pth"
+    if content is not None:
+        source.write_bytes(content)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_official.py"
+    result = subprocess.run([sys.executable, str(script), str(source), str(tmp_path / "ours.pth")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    _one_clear_line(result, expected, str(source))
+    assert not (tmp_path / "ours.pth").exists()
