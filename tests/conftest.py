@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory):
+    """The tiny detector after overfitting 15 synthetic images (tests/test_train_helpers.py,
+    ``learning_overrides``): built once per session, read by the learning, evaluation and DDP tests."""
+    from test_train_helpers import train_learned
+
+    return train_learned(tmp_path_factory.mktemp("learned_run"))

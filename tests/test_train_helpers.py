@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -134,3 +135,98 @@ def wandb_run_contents(run_dir: Path) -> dict:
         elif kind == "exit":
             out["exit"] = True
     return out
+
+
+# ---------------------------------------------------------------------------- a run that has learned
+# The quickstart detector (tiny DAC-DETR, r18 from scratch, two-stage, box refinement, CDN, DAC)
+# overfitting 15 synthetic 64 px images: 32 epochs of 3 batches of 5 = 96 steps, no augmentation
+# (every train size is 64 px, the crop keeps the whole image, no flip) and validation on those
+# same 15 images (the train split is also the val split). 15 is odd on purpose: split over 2 DDP
+# ranks, one image is repeated and the evaluator must drop the copy. EMA on (decay 0.9).
+LEARNING_EPOCHS = 32
+LEARNING_IMAGES = 15
+
+
+def learning_overrides(root: Path) -> list[str]:
+    """Overrides of the learning run (see above); logs and data under ``root``."""
+    return [
+        "data=synthetic", f"data.root={root / 'data'}", f"data.num_train={LEARNING_IMAGES}", "data.num_val=2",
+        "data.image_size=64", "data.train_scales=[64]", "data.train_max_size=96", "data.crop_resize_scales=[64]",
+        "data.crop_min_size=64", "data.crop_max_size=64", "data.hflip_prob=0.0", "data.val_size=64",
+        "data.val_max_size=96", "data.batch_size=5", "data.num_workers=0",
+        "+data.val_annotations=annotations/instances_train2017.json", "+data.val_images=train2017",
+        "trainer=cpu", "trainer.devices=1", f"paths.log_dir={root / 'logs'}", f"trainer.max_epochs={LEARNING_EPOCHS}",
+        f"trainer.check_val_every_n_epoch={LEARNING_EPOCHS}", "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "logger=csv", "~callbacks.progress_bar",
+        "~callbacks.model_summary", "module.num_log_images=0", "optimizer.lr=1e-3", "module.lr_backbone=1e-3",
+        "scheduler.step_size=1000", "ema.enabled=true", "ema.decay=0.9",
+    ]
+
+
+@dataclass
+class LearnedRun:
+    """A finished learning run: its last.ckpt, final metrics, per-step logged values, data root."""
+
+    ckpt: Path
+    metrics: dict
+    steps: list[dict[str, float]]  # one dict per training step: the train/* values logged at it
+    data_root: Path
+    overrides: list[str]
+    seconds: float
+
+    def epoch_mean(self, key: str, epoch: int) -> float:
+        """Mean of ``train/<key>`` over the steps of ``epoch`` (negative: counted from the end)."""
+        per_epoch = len(self.steps) // LEARNING_EPOCHS
+        epoch = epoch % LEARNING_EPOCHS
+        values = [s[f"train/{key}"] for s in self.steps[epoch * per_epoch:(epoch + 1) * per_epoch]]
+        return sum(values) / len(values)
+
+
+def train_learned(root: Path) -> LearnedRun:
+    """Run the learning configuration (about a minute on one CPU core) and read back what it logged."""
+    import csv
+    import time
+
+    from dac_detr.train import train
+
+    overrides = learning_overrides(root)
+    cfg = compose_train(overrides, output_dir=root / "run")
+    start = time.perf_counter()
+    metrics = train(cfg)
+    seconds = time.perf_counter() - start
+    with open(root / "run" / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_step")]
+    steps = [{k: float(v) for k, v in r.items() if k.startswith("train/") and v} for r in rows]
+    for step in steps:
+        step["train/loss"] = step.pop("train/loss_step")
+    return LearnedRun(root / "run" / "checkpoints" / "last.ckpt", metrics, steps, root / "data", overrides, seconds)
+
+
+def start_and_kill(args: list[str], log_dir: Path, cwd: Path, at_global_step: int, timeout: float = 600) -> Path:
+    """Start ``python -m dac_detr.train args`` and SIGKILL it as soon as a ``last.ckpt`` under
+    ``log_dir`` holds ``at_global_step`` or more; returns that checkpoint. Fails if the run ends
+    first (the kill must interrupt it)."""
+    import signal
+    import time
+
+    import torch
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dac_detr.train", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env)
+    deadline, seen = time.time() + timeout, None
+    try:
+        while time.time() < deadline and process.poll() is None:
+            found = list(log_dir.glob("**/checkpoints/last.ckpt"))
+            if found and found[0].stat().st_mtime_ns != seen:
+                seen = found[0].stat().st_mtime_ns  # written atomically (AtomicCheckpointIO): always whole
+                if torch.load(found[0], map_location="cpu", weights_only=False)["global_step"] >= at_global_step:
+                    process.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == -signal.SIGKILL, f"the run ended (rc {code}) before it was killed: {process.stderr.read().decode()[-3000:]}"
+    return found[0]
