@@ -16,10 +16,48 @@ def test_all_experiments_are_there():
     assert expected <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+# What each experiment is meant to set, stated here rather than derived from its name:
+# (epochs, StepLR step_size, backbone, DAC on, classification loss).
+EXPECTED = {
+    "quickstart": (10, 8, "resnet18", True, "ia_bce"),
+    "r50_12ep": (12, 11, "resnet50", True, "ia_bce"),
+    "r50_12ep_baseline": (12, 11, "resnet50", False, "ia_bce"),
+    "r50_12ep_dac_cdn": (12, 11, "resnet50", True, "focal"),
+    "r50_24ep": (24, 20, "resnet50", True, "ia_bce"),
+    "r50_24ep_baseline": (24, 20, "resnet50", False, "ia_bce"),
+    "r50_24ep_dac_cdn": (24, 20, "resnet50", True, "focal"),
+    "swin_l": (12, 11, "swin_large", True, "ia_bce"),
+    "swin_l_baseline": (12, 11, "swin_large", False, "ia_bce"),
+    "swin_l_dac_cdn": (12, 11, "swin_large", True, "focal"),
+    "swin_l_24ep": (24, 20, "swin_large", True, "ia_bce"),
+    "swin_l_24ep_baseline": (24, 20, "swin_large", False, "ia_bce"),
+    "swin_l_24ep_dac_cdn": (24, 20, "swin_large", True, "focal"),
+    "study/dac": (4, 3, "resnet18", True, "ia_bce"),
+    "study/baseline": (4, 3, "resnet18", False, "ia_bce"),
+    "study/dac_cdn": (4, 3, "resnet18", True, "focal"),
+    "study/ablation": (4, 3, "resnet18", True, "ia_bce"),
+}
+
+
+def _backbone(cfg) -> str:
+    return str(cfg.backbone.get("name") or cfg.backbone.get("model_name"))
+
+
+def test_every_experiment_has_its_expected_values():
+    assert set(EXPERIMENTS) | {"study/dac", "study/baseline", "study/dac_cdn", "study/ablation"} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPECTED))
 def test_experiment_composes_and_resolves(experiment, tmp_path):
     cfg = compose_train([f"experiment={experiment}"], output_dir=tmp_path)
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    epochs, step_size, backbone, dac, cls_loss = EXPECTED[experiment]
+    assert (cfg.trainer.max_epochs, cfg.scheduler.step_size) == (epochs, step_size)
+    assert _backbone(cfg).startswith(backbone), _backbone(cfg)
+    assert (cfg.dac.enabled, cfg.loss.cls_loss) == (dac, cls_loss)
+    if experiment.startswith("study/"):
+        assert container["task_name"] == "study" and cfg.study_arm == experiment.split("/")[1].replace("ablation", "dac")
+        return
     assert container["task_name"] == experiment
     check_config(cfg)
     assert cfg.model.dac_enabled == cfg.dac.enabled
@@ -70,18 +108,45 @@ def test_official_dac_defaults(tmp_path):
     assert cfg.dac.c_decoder.share_layer0_self_attn is True
 
 
-@pytest.mark.parametrize("name", ["default", "fdr", "limit", "overfit", "profiler"])
+# Each debug mode and the one value it is meant to set.
+DEBUG_MODES = {"default": ("trainer.detect_anomaly", True), "fdr": ("trainer.fast_dev_run", True),
+               "limit": ("trainer.limit_train_batches", 3), "overfit": ("trainer.overfit_batches", 1),
+               "profiler": ("trainer.profiler", "simple")}
+
+
+@pytest.mark.parametrize("name", sorted(DEBUG_MODES))
 def test_debug_modes_compose(name, tmp_path):
     cfg = compose_train([f"debug={name}"], output_dir=tmp_path)
     assert cfg.data.num_workers == 0 and cfg.logger == {}
+    key, value = DEBUG_MODES[name]
+    assert OmegaConf.select(cfg, key) == value
 
 
-@pytest.mark.parametrize("choice", ["trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=ddp_sim", "logger=wandb",
-                                    "logger=csv", "logger=none", "callbacks=none", "postprocess=topk", "dac=off",
-                                    "loss=focal", "model=dac_detr", "backbone=r50", "ema.enabled=true"])
+# Each group choice and one value it is meant to set.
+GROUP_CHOICES = {
+    "trainer=cpu": ("trainer.accelerator", "cpu"),
+    "trainer=gpu": ("trainer.accelerator", "gpu"),
+    "trainer=ddp": ("trainer.strategy", "ddp"),
+    "trainer=ddp_sim": ("trainer.strategy", "ddp_spawn"),
+    "logger=wandb": ("logger.wandb._target_", "lightning.pytorch.loggers.WandbLogger"),
+    "logger=csv": ("logger.csv._target_", "lightning.pytorch.loggers.CSVLogger"),
+    "logger=none": ("logger", {}),
+    "callbacks=none": ("callbacks", {}),
+    "postprocess=topk": ("postprocess.method", "topk"),
+    "dac=off": ("model.dac_enabled", False),
+    "loss=focal": ("loss.cls_loss", "focal"),
+    "model=dac_detr": ("model.num_queries", 900),
+    "backbone=r50": ("backbone.name", "resnet50"),
+    "ema.enabled=true": ("ema.enabled", True),
+}
+
+
+@pytest.mark.parametrize("choice", sorted(GROUP_CHOICES))
 def test_group_choices_compose(choice, tmp_path):
     cfg = compose_train([choice], output_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True)
+    key, value = GROUP_CHOICES[choice]
+    assert OmegaConf.select(cfg, key) == value
 
 
 def test_hparams_search_and_slurm_launcher_compose():
