@@ -41,9 +41,6 @@ from torch import Tensor
 # effect on kernels that already exist.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
-MAX_LEVELS = 5
-MAX_POINTS = 8
-
 
 @triton.jit
 def _bilinear_sample_geometry(x, y, level_h, level_w, q_mask):

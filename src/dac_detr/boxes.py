@@ -42,21 +42,6 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     return inter / union.clamp(min=eps)
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
-    """Pairwise generalised IoU of xyxy boxes: (N, 4) x (M, 4) -> (N, M), in [-1, 1].
-
-    Unlike the DETR original it does not assert on degenerate boxes: a collapsed predicted box
-    (possible early in training, or with fp16) gives a finite value and a finite gradient.
-    """
-    inter, union = _pairwise_inter_union(boxes1, boxes2)
-    iou = inter / union.clamp(min=eps)
-    lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    hull = wh[..., 0] * wh[..., 1]
-    return iou - (hull - union) / hull.clamp(min=eps)
-
-
 def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     """IoU of matching pairs of xyxy boxes: (N, 4) x (N, 4) -> (N,)."""
     lt = torch.max(boxes1[..., :2], boxes2[..., :2])

@@ -4,9 +4,9 @@ It owns no architecture decisions: Hydra builds the detector, the criterion, the
 and the optimizer/scheduler factories, and passes them in. The module adds what the training
 loop needs on top:
 
-* a per-step seeded ``torch.Generator`` (seed + global_step * world_size + rank) for the CDN noise
-  and the one-to-many positive subsampling, so a seeded run repeats exactly and a resumed run
-  continues exactly;
+* a seeded ``torch.Generator`` per micro-batch (``step_seed``: optimizer step, micro-batch of a
+  gradient accumulation, rank) for the CDN noise and the one-to-many positive subsampling, so a
+  seeded run repeats exactly and a resumed run continues exactly;
 * every loss term logged under ``train/`` (plus the sums per stream), every ``stat_*`` diagnostic;
 * the official AdamW parameter groups (backbone, ``sampling_offsets``/``reference_points``, rest);
 * COCO evaluation of the O-Decoder's last layer (``val/mAP`` is the monitored metric), the
@@ -24,14 +24,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from .utils.coco_table import format_coco_table
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (also imported from here)
+from .evaluation.coco_evaluator import format_coco_table
 
 # Loss-term prefixes of docs/interfaces.md, summed per stream for the dashboard.
 LOSS_STREAMS = ("loss_o2o_", "loss_o2m_", "loss_dn_o_", "loss_dn_c_", "loss_enc_")
 # The metrics of CocoEvaluator.compute() logged under val/.
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DACDETRModule(L.LightningModule):
@@ -116,9 +115,21 @@ class DACDETRModule(L.LightningModule):
         return self.model(images, pixel_mask)
 
     # ------------------------------------------------------------------ reproducible randomness
-    def step_generator(self, device: torch.device) -> torch.Generator:
-        """A generator seeded by (seed, global_step, rank): drives CDN noise and o2m subsampling."""
-        step_seed = self.seed + self.global_step * self.trainer.world_size + self.global_rank
+    def step_seed(self, batch_idx: int) -> int:
+        """The seed of one micro-batch: unique per (optimizer step, micro-batch, rank).
+
+        ``seed + (global_step * A + batch_idx % A) * world_size + rank`` with A =
+        ``accumulate_grad_batches``: the micro-batches accumulated into one optimizer step (which
+        share ``global_step``) get seeds of their own, and with A = 1 it is ``seed + global_step *
+        world_size + rank``. Everything in it is restored on resume, so a resumed run draws the same.
+        """
+        accumulate = int(self.trainer.accumulate_grad_batches)
+        micro_step = self.global_step * accumulate + batch_idx % accumulate
+        return self.seed + micro_step * self.trainer.world_size + self.global_rank
+
+    def step_generator(self, device: torch.device, batch_idx: int = 0) -> torch.Generator:
+        """A generator seeded by ``step_seed(batch_idx)``: drives CDN noise and o2m subsampling."""
+        step_seed = self.step_seed(batch_idx)
         generator = torch.Generator(device=device)
         generator.manual_seed(step_seed)
         return generator
@@ -126,7 +137,7 @@ class DACDETRModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor, list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
         images, pixel_mask, targets = batch
-        generator = self.step_generator(images.device)
+        generator = self.step_generator(images.device, batch_idx)
         outputs = self.model(images, pixel_mask, targets=targets, generator=generator)
         terms = self.criterion(outputs, targets, generator=generator)
         losses = {k: v for k, v in terms.items() if k.startswith("loss_")}
@@ -230,14 +241,6 @@ class DACDETRModule(L.LightningModule):
                 title = f"COCO bbox evaluation (epoch {self.current_epoch})" if fitting else "COCO bbox evaluation"
                 print("\n" + format_coco_table(metrics, qpo, title=title, summary=self.evaluator.summary), flush=True)
             self._log_wandb_media(per_class)
-
-    # ------------------------------------------------------------------ prediction
-    def predict_step(self, batch: tuple[Tensor, Tensor, list[dict[str, Tensor]]], batch_idx: int) -> list[dict[str, Tensor]]:
-        """``[{scores (K,), labels (K,), boxes (K, 4) absolute xyxy}]`` per image, like PostProcess."""
-        images, pixel_mask, targets = batch
-        outputs = self.model(images, pixel_mask)
-        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
-        return self.postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -141,13 +141,38 @@ def load_coco_split(
     Crowd annotations are removed, boxes are clamped to [0, width] x [0, height] and boxes with
     no width or height after clamping are dropped (each counted and logged). Images without
     objects are kept. Raises DataError for anything that makes the file unusable.
+
+    The steps: read the file and check its three lists (``_read_instances``), check the categories
+    (``_category_ids``) and the images (``_image_table``), check that the image files exist, clean
+    the annotations into per-image boxes (``_clean_annotations``), then pack them into flat arrays
+    (``_pack``).
     """
-    annotation_file = Path(annotation_file)
-    image_dir = Path(image_dir)
+    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    data = _read_instances(name, annotation_file)
+    where = str(annotation_file)
+    known_cats = _category_ids(data["categories"], where)
+    images = _image_table(data["images"], where)
+    _check_images_exist(image_dir, images.file_names, annotation_file)
+    boxes, cats, stats = _clean_annotations(data["annotations"], images, known_cats, where)
+    _require(
+        any(cats),
+        f"The {name} split has no usable objects: {where} has {len(images.ids)} images but no non-crowd "
+        f"annotation with a positive-size box ({stats.summary()}). A detector cannot be trained or "
+        "evaluated on it; check that the right annotation file is configured.",
+    )
+    split = _pack(name, annotation_file, image_dir, images, boxes, cats, data, stats, keep_raw)
+    log.info("%s split (%s): %d images (%d without objects), %d objects; %s", name, annotation_file, len(split),
+             sum(1 for c in cats if not c), split.num_objects, stats.summary())
+    return split
+
+
+def _read_instances(name: str, annotation_file: Path) -> dict:
+    """The parsed annotation file, checked to hold the 'images', 'annotations', 'categories' lists
+    and at least one image."""
     if not annotation_file.is_file():
         raise DataError(f"The {name} annotation file {annotation_file} does not exist. {HOW_TO_GET_DATA}")
     data = read_json(annotation_file)
-    where = f"{annotation_file}"
+    where = str(annotation_file)
     _require(isinstance(data, dict), f"{where} must hold a JSON object with 'images', 'annotations' and 'categories'.")
     for key in ("images", "annotations", "categories"):
         _require(
@@ -155,14 +180,16 @@ def load_coco_split(
             f"{where} has no '{key}' list; a COCO-format instances file needs 'images', 'annotations' "
             "and 'categories'.",
         )
-
-    images = data["images"]
     _require(
-        len(images) > 0,
+        len(data["images"]) > 0,
         f"The {name} split is empty: {where} lists no images. Use a file with at least one image "
         "(for a quick run, `data=synthetic`).",
     )
-    categories = data["categories"]
+    return data
+
+
+def _category_ids(categories: list, where: str) -> set[int]:
+    """The set of category ids; each category must have a unique integer 'id'."""
     _require(len(categories) > 0, f"{where} lists no categories; at least one is needed to train a detector.")
     cat_ids = []
     for c in categories:
@@ -172,10 +199,23 @@ def load_coco_split(
         )
         cat_ids.append(c["id"])
     _require(len(set(cat_ids)) == len(cat_ids), f"{where}: category ids are not unique ({sorted(cat_ids)}).")
-    known_cats = set(cat_ids)
+    return set(cat_ids)
 
-    image_ids, file_names, heights, widths = [], [], [], []
-    index_of = {}
+
+@dataclass
+class _ImageTable:
+    """The images of a split in file order: ids, file names, sizes and id -> row."""
+
+    ids: list = field(default_factory=list)
+    file_names: list[str] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    index_of: dict = field(default_factory=dict)
+
+
+def _image_table(images: list, where: str) -> _ImageTable:
+    """Each image entry checked (id, file_name, positive width and height; ids unique)."""
+    table = _ImageTable()
     for img in images:
         try:
             iid, fname, h, w = img["id"], img["file_name"], int(img["height"]), int(img["width"])
@@ -184,20 +224,25 @@ def load_coco_split(
                 f"{where}: image entry {img!r} lacks 'id', 'file_name', 'width' or 'height'; "
                 "every COCO image needs all four."
             ) from None
-        _require(iid not in index_of, f"{where}: image id {iid} appears twice in 'images'.")
+        _require(iid not in table.index_of, f"{where}: image id {iid} appears twice in 'images'.")
         _require(h > 0 and w > 0, f"{where}: image {fname} has a non-positive size {w}x{h}.")
-        index_of[iid] = len(image_ids)
-        image_ids.append(iid)
-        file_names.append(fname)
-        heights.append(h)
-        widths.append(w)
+        table.index_of[iid] = len(table.ids)
+        table.ids.append(iid)
+        table.file_names.append(fname)
+        table.heights.append(h)
+        table.widths.append(w)
+    return table
 
-    _check_images_exist(image_dir, file_names, annotation_file)
 
+def _clean_annotations(
+    annotations: list, images: _ImageTable, known_cats: set[int], where: str
+) -> tuple[list[list[list[float]]], list[list[int]], CleaningStats]:
+    """Per image (in ``images`` order): the kept xyxy boxes and their category ids, and the counts
+    of what was removed or clamped. Crowd boxes are removed, boxes clamped to the image, empty ones dropped."""
     stats = CleaningStats()
-    per_image_boxes: list[list[list[float]]] = [[] for _ in image_ids]
-    per_image_cats: list[list[int]] = [[] for _ in image_ids]
-    for ann in data["annotations"]:
+    boxes: list[list[list[float]]] = [[] for _ in images.ids]
+    cats: list[list[int]] = [[] for _ in images.ids]
+    for ann in annotations:
         try:
             iid, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
             x, y, bw, bh = (float(v) for v in bbox)
@@ -210,62 +255,54 @@ def load_coco_split(
             stats.crowd_removed += 1
             continue
         _require(
-            iid in index_of,
+            iid in images.index_of,
             f"{where}: annotation {ann.get('id', '?')} points at image id {iid}, which is not in 'images'.",
         )
         _require(
             cid in known_cats,
             f"{where}: annotation {ann.get('id', '?')} has category id {cid}, which is not in 'categories'.",
         )
-        i = index_of[iid]
-        w, h = widths[i], heights[i]
-        x0, y0, x1, y1 = x, y, x + bw, y + bh
-        cx0, cy0 = min(max(x0, 0.0), w), min(max(y0, 0.0), h)
-        cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
-        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-            stats.boxes_clamped += 1
-        if cx1 <= cx0 or cy1 <= cy0:
-            stats.degenerate_dropped += 1
-            continue
-        per_image_boxes[i].append([cx0, cy0, cx1, cy1])
-        per_image_cats[i].append(cid)
+        i = images.index_of[iid]
+        box = _clamp_box(x, y, x + bw, y + bh, images.widths[i], images.heights[i], stats)
+        if box is not None:
+            boxes[i].append(box)
+            cats[i].append(cid)
+    return boxes, cats, stats
 
-    counts = np.array([len(b) for b in per_image_boxes], dtype=np.int64)
+
+def _clamp_box(x0: float, y0: float, x1: float, y1: float, w: int, h: int, stats: CleaningStats) -> list[float] | None:
+    """The xyxy box clamped to [0, w] x [0, h] (counted when it changes), None when it is empty."""
+    cx0, cy0 = min(max(x0, 0.0), w), min(max(y0, 0.0), h)
+    cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
+    if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+        stats.boxes_clamped += 1
+    if cx1 <= cx0 or cy1 <= cy0:
+        stats.degenerate_dropped += 1
+        return None
+    return [cx0, cy0, cx1, cy1]
+
+
+def _pack(name: str, annotation_file: Path, image_dir: Path, images: _ImageTable, boxes: list, cats: list,
+          data: dict, stats: CleaningStats, keep_raw: bool) -> CocoSplit:
+    """Flat arrays: image i's objects are rows offsets[i]:offsets[i+1] of boxes_xyxy/category_ids."""
+    counts = np.array([len(b) for b in boxes], dtype=np.int64)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    flat_boxes = [b for boxes in per_image_boxes for b in boxes]
-    flat_cats = [c for cats in per_image_cats for c in cats]
-    _require(
-        len(flat_cats) > 0,
-        f"The {name} split has no usable objects: {where} has {len(images)} images but no non-crowd "
-        f"annotation with a positive-size box ({stats.summary()}). A detector cannot be trained or "
-        "evaluated on it; check that the right annotation file is configured.",
-    )
-    split = CocoSplit(
+    return CocoSplit(
         name=name,
         annotation_file=annotation_file,
         image_dir=image_dir,
-        image_ids=np.asarray(image_ids, dtype=np.int64),
-        file_names=file_names,
-        heights=np.asarray(heights, dtype=np.int64),
-        widths=np.asarray(widths, dtype=np.int64),
+        image_ids=np.asarray(images.ids, dtype=np.int64),
+        file_names=images.file_names,
+        heights=np.asarray(images.heights, dtype=np.int64),
+        widths=np.asarray(images.widths, dtype=np.int64),
         offsets=offsets,
-        boxes_xyxy=np.asarray(flat_boxes, dtype=np.float32).reshape(-1, 4),
-        category_ids=np.asarray(flat_cats, dtype=np.int64),
-        categories=categories,
+        boxes_xyxy=np.asarray([b for per_image in boxes for b in per_image], dtype=np.float32).reshape(-1, 4),
+        category_ids=np.asarray([c for per_image in cats for c in per_image], dtype=np.int64),
+        categories=data["categories"],
         stats=stats,
         raw=data if keep_raw else None,
     )
-    log.info(
-        "%s split (%s): %d images (%d without objects), %d objects; %s",
-        name,
-        annotation_file,
-        len(split),
-        int((counts == 0).sum()),
-        split.num_objects,
-        stats.summary(),
-    )
-    return split
 
 
 def coco_api_from_dict(data: dict):

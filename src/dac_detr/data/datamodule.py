@@ -27,7 +27,7 @@ class CocoDataModule(LightningDataModule):
     Batches are ``(images (B,3,H,W), pixel_mask (B,H,W) True on padding, targets)`` as
     docs/interfaces.md says. The defaults are the official COCO recipe (docs/method.md, Data and
     augmentation); every image size is an argument so small data sets can use small images.
-    Validation, test and predict all use the val split (COCO test-dev has no public annotations).
+    Validation uses the val split (COCO test-dev has no public annotations).
 
     Args:
         root: the data set folder; the four paths below are relative to it (or absolute).
@@ -188,12 +188,6 @@ class CocoDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.val_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 class SyntheticCocoDataModule(CocoDataModule):

@@ -3,7 +3,8 @@
 Under DDP every process calls ``update`` for the images it saw; ``compute`` all-gathers the
 detections once, evaluates on rank 0 and broadcasts the metrics, so every rank returns the same
 dict (and only rank 0 spends the CPU time). Images that Lightning's DistributedSampler repeats to
-even out the ranks are counted once.
+even out the ranks are counted once. ``format_coco_table`` writes the table printed at the end
+of a validation (COCOeval's summary, per-class AP, queries per object).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -244,29 +246,59 @@ def _defined(value: float) -> float:
     return float("nan") if value < 0 else value
 
 
-def format_metrics_table(metrics: Mapping, title: str = "COCO box evaluation") -> str:
-    """A plain-text table of ``CocoEvaluator.compute()`` output (AP/AR in percent, per-class AP)."""
-    labels = {
-        "mAP": "AP @[.50:.95]",
-        "mAP_50": "AP @.50",
-        "mAP_75": "AP @.75",
-        "mAP_s": "AP small",
-        "mAP_m": "AP medium",
-        "mAP_l": "AP large",
-        "AR_1": "AR @1",
-        "AR_10": "AR @10",
-        "AR_100": "AR @100",
-    }
+# ------------------------------------------------------------------ the printed table
+# The rows of COCOeval's summary: (metric, kind, short name, IoU range, area, max detections).
+_ROWS = (
+    ("mAP", "Average Precision ", "(AP)", "0.50:0.95", "all", 100),
+    ("mAP_50", "Average Precision ", "(AP)", "0.50     ", "all", 100),
+    ("mAP_75", "Average Precision ", "(AP)", "0.75     ", "all", 100),
+    ("mAP_s", "Average Precision ", "(AP)", "0.50:0.95", "small", 100),
+    ("mAP_m", "Average Precision ", "(AP)", "0.50:0.95", "medium", 100),
+    ("mAP_l", "Average Precision ", "(AP)", "0.50:0.95", "large", 100),
+    ("AR_1", "Average Recall    ", "(AR)", "0.50:0.95", "all", 1),
+    ("AR_10", "Average Recall    ", "(AR)", "0.50:0.95", "all", 10),
+    ("AR_100", "Average Recall    ", "(AR)", "0.50:0.95", "all", 100),
+)
 
-    def pct(v: float) -> str:
-        return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.1f}"
 
-    rows = [(labels[k], pct(metrics[k])) for k in METRIC_NAMES if k in metrics]
-    per_class = metrics.get("per_class") or {}
-    width = max([len(r[0]) for r in rows] + [len(n) for n in per_class] + [len(title)])
-    lines = [title, "-" * (width + 8)]
-    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+def _fmt(value: Any) -> str:
+    """A metric with 3 decimals; "n/a" where COCOeval found no ground truth (NaN, -1 or None)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0:
+        return "  n/a"  # pycocotools writes -1 when a category/area has no ground truth
+    return f"{value:.3f}"
+
+
+def format_coco_table(
+    metrics: Mapping[str, Any],
+    queries_per_object: Optional[Mapping[float, float]] = None,
+    title: str = "COCO bbox evaluation",
+    columns: int = 3,
+    summary: str = "",
+) -> str:
+    """The COCO summary, the per-class AP (skipping "N/A" classes) and the queries per object.
+
+    ``summary`` is COCOeval's own 12-line summary (``CocoEvaluator.summary``); without it the 9
+    metrics of ``metrics`` are written in the same layout.
+    """
+    lines = [title, "-" * len(title)]
+    if summary:
+        lines.extend(summary.splitlines())
+    else:
+        for key, kind, short, iou, area, max_dets in _ROWS:
+            if key in metrics:
+                lines.append(
+                    f" {kind} {short} @[ IoU={iou} | area={area:>6s} | maxDets={max_dets:>3d} ] = {_fmt(metrics[key])}"
+                )
+    per_class = {k: v for k, v in (metrics.get("per_class") or {}).items() if k != "N/A"}
     if per_class:
-        lines += ["-" * (width + 8), f"{'per-class AP':<{width}}"]
-        lines += [f"{name:<{width}}  {pct(ap)}" for name, ap in per_class.items()]
+        lines.append("")
+        lines.append("Per-class AP @[ IoU=0.50:0.95 | area=all | maxDets=100 ]")
+        width = max(len(name) for name in per_class) + 2
+        cells = [f"{name:<{width}}{_fmt(ap)}" for name, ap in per_class.items()]
+        for start in range(0, len(cells), columns):
+            lines.append("  " + "   ".join(cells[start : start + columns]))
+    if queries_per_object:
+        lines.append("")
+        values = ", ".join(f"t={float(t):.1f}: {float(v):.2f}" for t, v in queries_per_object.items())
+        lines.append(f"Queries per object (one-to-many score above t): {values}")
     return "\n".join(lines)

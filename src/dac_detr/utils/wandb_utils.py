@@ -51,10 +51,6 @@ def wandb_should_run_offline(requested_offline: bool) -> tuple[bool, str]:
     return False, ""
 
 
-def sync_hint(save_dir: str | os.PathLike) -> str:
-    return f"W&B ran offline; upload the run later with: wandb sync {Path(save_dir).resolve() / 'wandb'}/offline-run-*"
-
-
 def finish_wandb_run() -> None:
     """Close the active W&B run, if any, so the next Hydra multirun job starts its own run."""
     wandb = sys.modules.get("wandb")
