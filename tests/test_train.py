@@ -17,6 +17,7 @@ from dac_detr.train import train
 from dac_detr.utils.checkpoint import detector_state_dict
 from test_train_helpers import (
     COCO_EXPERIMENTS,
+    LEARNING_IMAGES,
     compose_train,
     run_cli,
     short_run_overrides,
@@ -146,18 +147,27 @@ def test_resume_without_a_previous_run_is_a_clear_error(tmp_path):
     assert "no last.ckpt of a run with the same overrides" in result.stdout + result.stderr
 
 
-def test_ddp_sim_fit_gathers_validation_metrics(data_root, tmp_path):
-    """2 CPU processes: val/mAP is computed once over both ranks' images and equals a 1-process evaluation."""
+def test_ddp_sim_fit_gathers_validation_metrics(learned_run, tmp_path):
+    """2 CPU processes validate a detector that has learned (``learned_run``) on 15 images: 8 per
+    rank, so Lightning's sampler repeats one and the evaluator must count it once. val/mAP is
+    computed once over both ranks' images and equals a 1-process evaluation of the same weights."""
     from dac_detr.evaluate import evaluate
 
+    assert LEARNING_IMAGES % 2 == 1  # the uneven split this test is about
+    # One training step from the learned weights at a vanishing learning rate, then validation of all 15.
     cfg = compose_train(
-        [*tiny_data_overrides(data_root), *short_run_overrides(tmp_path), "trainer=ddp_sim",
-         "trainer.limit_val_batches=null"],
+        [*(o for o in learned_run.overrides if not o.startswith("trainer=") and not o.startswith("trainer.devices=")),
+         f"paths.log_dir={tmp_path}", "trainer=ddp_sim", "trainer.max_epochs=1",
+         "trainer.check_val_every_n_epoch=1", "trainer.limit_train_batches=1", "logger=none", "ema.enabled=false",
+         "optimizer.lr=1e-12", "module.lr_backbone=0", f"init_from={learned_run.ckpt}", "data.val_batch_size=3"],
         output_dir=tmp_path / "run",
     )
+    assert (cfg.trainer.devices, cfg.trainer.strategy) == (2, "ddp_spawn")
     metrics = train(cfg)
+    assert metrics["val/mAP"] > 0.3, metrics["val/mAP"]  # learned: duplicates would cost precision
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     eval_cfg = compose_train([f"ckpt={ckpt}", f"paths.log_dir={tmp_path}"], output_dir=tmp_path / "eval", config_name="eval")
     single = evaluate(eval_cfg)
     assert metrics["val/mAP"] == pytest.approx(single["mAP"], abs=1e-6)
     assert metrics["val/AR_100"] == pytest.approx(single["AR_100"], abs=1e-6)
+    assert metrics["val/mAP_50"] == pytest.approx(single["mAP_50"], abs=1e-6)
