@@ -222,6 +222,23 @@ def test_zero_size_and_crowd_boxes_are_dropped_and_counted(tmp_path):
     assert split.num_objects == 1 and len(split) == 2
 
 
+def test_negative_width_or_height_is_one_warning_naming_the_box_format(tmp_path, caplog):
+    anns = [
+        {"id": 7, "image_id": 1, "category_id": 1, "bbox": [20, 20, -10, 10], "iscrowd": 0},  # x0 y0 x1 y1 read as xywh
+        {"id": 8, "image_id": 1, "category_id": 1, "bbox": [20, 20, 10, -5], "iscrowd": 0},
+        {"id": 9, "image_id": 1, "category_id": 1, "bbox": [4, 4, 0, 10], "iscrowd": 0},  # zero width: INFO only
+        {"id": 10, "image_id": 2, "category_id": 2, "bbox": [5, 5, 10, 10], "iscrowd": 0},
+    ]
+    path = write_coco(tmp_path, annotations=anns)
+    with caplog.at_level(logging.INFO, logger="dac_detr.data.coco"):
+        split = load_coco_split("train", path, tmp_path / "train2017")
+    assert split.num_objects == 1 and split.stats.degenerate_dropped == 3 and split.stats.negative_size == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per file, not once per box
+    assert "2 boxes have a negative width or height" in warnings[0].message
+    assert "annotation 7" in warnings[0].message and "[x, y, width, height]" in warnings[0].message
+
+
 def test_negative_category_ids_need_the_contiguous_mapping(tmp_path):
     cats = [{"id": -1, "name": "odd"}, {"id": 4, "name": "four"}]
     anns = [{"id": 1, "image_id": 1, "category_id": -1, "bbox": [1, 1, 10, 10], "iscrowd": 0}]

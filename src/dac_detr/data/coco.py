@@ -64,6 +64,8 @@ class CleaningStats:
     crowd_removed: int = 0
     boxes_clamped: int = 0
     degenerate_dropped: int = 0
+    negative_size: int = 0  # of the dropped ones: width or height < 0 in the file (a format mistake)
+    first_negative: str = ""  # the first such annotation, for the warning
 
     def summary(self) -> str:
         return (
@@ -163,6 +165,12 @@ def load_coco_split(
     split = _pack(name, annotation_file, image_dir, images, boxes, cats, data, stats, keep_raw)
     log.info("%s split (%s): %d images (%d without objects), %d objects; %s", name, annotation_file, len(split),
              sum(1 for c in cats if not c), split.num_objects, stats.summary())
+    if stats.negative_size:
+        log.warning(
+            "%s: %d boxes have a negative width or height (first: %s) and were dropped. COCO boxes are "
+            "[x, y, width, height]; a file written with [x0, y0, x1, y1] boxes gives this: convert them.",
+            where, stats.negative_size, stats.first_negative,
+        )
     return split
 
 
@@ -262,6 +270,9 @@ def _clean_annotations(
             cid in known_cats,
             f"{where}: annotation {ann.get('id', '?')} has category id {cid}, which is not in 'categories'.",
         )
+        if bw < 0 or bh < 0:
+            stats.negative_size += 1
+            stats.first_negative = stats.first_negative or f"annotation {ann.get('id', '?')}, bbox {list(bbox)}"
         i = images.index_of[iid]
         box = _clamp_box(x, y, x + bw, y + bh, images.widths[i], images.heights[i], stats)
         if box is not None:
