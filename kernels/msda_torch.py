@@ -24,9 +24,12 @@ _ZEROS_PADDING = 0
 
 
 def _level_shapes(spatial_shapes: Tensor | list[tuple[int, int]], num_keys: int) -> list[tuple[int, int]]:
-    # Python ints: iterating over a CUDA tensor would sync once per level.
-    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else list(spatial_shapes)
-    shapes = [(int(h), int(w)) for h, w in shapes]
+    # Python ints: iterating over a CUDA tensor would sync once per level. A list is kept as given
+    # (no int()): under torch.export its sizes are symbolic and must stay so for dynamic H, W.
+    if isinstance(spatial_shapes, Tensor):
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    else:
+        shapes = [(h, w) for h, w in spatial_shapes]
     total = sum(h * w for h, w in shapes)
     if total != num_keys:
         raise ValueError(

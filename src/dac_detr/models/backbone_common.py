@@ -80,9 +80,24 @@ def check_backbone_inputs(images: Tensor, pixel_mask: Tensor) -> None:
 
 
 def resize_padding_mask(pixel_mask: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """(B, H, W) bool -> (B, h, w) bool, nearest-neighbour resize as the official code does."""
-    resized = F.interpolate(pixel_mask[None].float(), size=tuple(size))
-    return resized.to(torch.bool)[0]
+    """(B, H, W) bool -> (B, h, w) bool, nearest-neighbour resize as the official code does.
+
+    Bit-identical to ``F.interpolate(mask[None].float(), size)`` (mode "nearest": source index
+    ``min(floor(i * float32(in / out)), in - 1)``), written as two index gathers so an ONNX export
+    computes the same indices: ONNX ``Resize`` derives them from ``out / in`` and rounds differently
+    (e.g. 300 -> 5 columns: it reads column 239 where PyTorch reads 240).
+    """
+    rows = _nearest_indices(pixel_mask.shape[-2], size[0], pixel_mask.device)
+    cols = _nearest_indices(pixel_mask.shape[-1], size[1], pixel_mask.device)
+    return pixel_mask[:, rows][:, :, cols]
+
+
+def _nearest_indices(in_size, out_size, device: torch.device) -> Tensor:
+    """Source index of every output position of ATen's nearest resize (float32 scale in / out)."""
+    scale = torch.full((), in_size, dtype=torch.float32, device=device) / torch.full(
+        (), out_size, dtype=torch.float32, device=device)
+    index = torch.floor(torch.arange(out_size, dtype=torch.float32, device=device) * scale).long()
+    return index.clamp(max=in_size - 1)
 
 
 # --------------------------------------------------------------------------- pretrained weights

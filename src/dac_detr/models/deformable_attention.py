@@ -8,7 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dac_detr.kernels import ms_deform_attn
+from dac_detr.kernels import ms_deform_attn, ms_deform_attn_torch
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` / ``torch.onnx.export`` traces the model.
+
+    The export takes the pure-PyTorch deformable attention (``F.grid_sample`` per level, ONNX
+    ``GridSample``): the custom ``dac_detr::ms_deform_attn`` op (Triton on CUDA) has no ONNX
+    translation, and the level sizes must reach the graph as symbolic sizes, not as a tensor.
+    """
+    check = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5? absent: fall back below
+    return bool((check is not None and check()) or torch.onnx.is_in_onnx_export())
 
 
 class MSDeformAttn(nn.Module):
@@ -92,5 +103,8 @@ class MSDeformAttn(nn.Module):
                          + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}")
-        out = ms_deform_attn(value, spatial_shapes_tensor, level_start_index, locations, weights)
+        if is_exporting():
+            out = ms_deform_attn_torch(value, spatial_shapes, level_start_index, locations, weights)
+        else:
+            out = ms_deform_attn(value, spatial_shapes_tensor, level_start_index, locations, weights)
         return self.output_proj(out)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbone_common import resize_padding_mask
 from .denoising import build_cdn_queries
 from .position_encoding import PositionEmbeddingSine
 from .transformer import DeformableTransformer
@@ -198,7 +199,7 @@ class DACDETR(nn.Module):
             # the first extra level comes from the RAW last backbone map, later ones from the
             # previous extra level (docs/method.md, Input levels and positional encodings)
             src = self.input_proj[lvl](features[-1][0] if lvl == self.num_backbone_levels else srcs[-1])
-            mask = F.interpolate(pixel_mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+            mask = resize_padding_mask(pixel_mask, src.shape[-2:])  # = F.interpolate nearest, exportable
             srcs.append(src)
             masks.append(mask)
             pos_embeds.append(self.position_embedding(mask).to(src.dtype))

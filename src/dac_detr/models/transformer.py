@@ -24,7 +24,8 @@ from .position_encoding import box_sine_embedding
 class FlatLevels:
     """Multi-scale maps flattened into one token sequence (S = Σ h_l·w_l)."""
 
-    shapes: list[tuple[int, int]]  # (h_l, w_l) as Python ints: no host sync when iterating
+    # (h_l, w_l) as Python ints (no host sync when iterating); symbolic sizes under torch.export
+    shapes: list[tuple[int, int]]
     shapes_tensor: Tensor  # (L, 2) int64, the same on the device, for the kernel
     level_start_index: Tensor  # (L,) int64
     padding_mask: Tensor  # (B, S) bool, True on padding
@@ -77,9 +78,11 @@ class DeformableEncoder(nn.Module):
         """
         per_level = []
         for lvl, (h, w) in enumerate(levels.shapes):
+            # arange + 0.5 equals linspace(0.5, h - 0.5, h) exactly (step 1) and keeps h symbolic
+            # under torch.export, where linspace's `steps` would pin it to the example's size.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (levels.valid_ratios[:, None, lvl, 1] * h)
@@ -287,7 +290,8 @@ class DeformableTransformer(nn.Module):
     def flatten(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]
                 ) -> tuple[Tensor, Tensor, FlatLevels]:
         """Per-level (B, d, h, w) maps, masks and positions -> tokens (B, S, d), pos + level embed."""
-        shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        # No int(): under torch.export the sizes stay symbolic, so one graph serves every image size.
+        shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         device = srcs[0].device
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
@@ -319,9 +323,9 @@ class DeformableTransformer(nn.Module):
             mask = levels.padding_mask[:, start:start + h * w].view(B, h, w)
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            grid_y, grid_x = torch.meshgrid(  # = linspace(0, h - 1, h), traceable with a symbolic h
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)
