@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: add CUDA rows (fp32, bf16)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--workdir", default=".bench_inference", help="where the ONNX files are kept")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dac_detr_bench"),
+                        help="where the ONNX files are kept (reused when present)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
