@@ -120,8 +120,22 @@ def bench_model(name: str, args) -> list[dict]:
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def markdown(rows: list[dict], threads: int) -> str:
-    lines = [f"Batch 1, {threads} CPU thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}", "",
+    import onnxruntime
+
+    lines = [f"Batch 1, {threads} CPU thread(s) of {os.cpu_count()}, {cpu_name()}, torch {torch.__version__}, "
+             f"onnxruntime {onnxruntime.__version__}", "",
              "| model | size | backend | device | dtype | images/s | median ms | p90 ms | vs eager |",
              "|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
