@@ -196,6 +196,7 @@ def test_encoder_proposals_and_valid_ratios():
     _, _, levels = tr.flatten(srcs, masks, [torch.zeros_like(s) for s in srcs])
     assert isinstance(levels, FlatLevels) and levels.shapes == [(4, 4), (2, 2)]
     assert levels.level_start_index.tolist() == [0, 16]
+    assert levels.valid_sizes.tolist() == [[[2, 4], [1, 2]]]  # (w, h) in cells, per level
     assert torch.allclose(levels.valid_ratios, torch.tensor([[[0.5, 1.0], [0.5, 1.0]]]))
     memory = torch.randn(1, 20, 32)
     out_memory, proposals = tr.encoder_proposals(memory, levels)

@@ -28,11 +28,12 @@ class MSDeformAttn(nn.Module):
     Parameter names and init follow the official module (docs/method.md, Encoder), so checkpoints
     map 1:1: ``sampling_offsets`` (zero weight, bias pointing head h along angle 2πh/n_heads with
     point i scaled by i+1), ``attention_weights`` (all zero: uniform attention at init),
-    ``value_proj`` and ``output_proj`` (xavier-uniform weight, zero bias).
+    ``value_proj`` and ``output_proj`` (xavier-uniform weight, zero bias). The official
+    ``im2col_step`` argument has no counterpart: it only sized the batch chunks of the official
+    CUDA op, the kernels here need none, and it is in no state dict (docs/kernels.md).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 im2col_step: int = 64):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -40,8 +41,6 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
-        # Kept for API compatibility with the official module; the kernels pick their own tiling.
-        self.im2col_step = im2col_step
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)

@@ -66,47 +66,90 @@ def build_cdn_queries(
                          "create it with torch.Generator(device=images.device)")
     num_groups = max(1, dn_number // single_pad)
     pad_size = 2 * single_pad * num_groups
-    batch_size = len(targets)
-
-    labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
     # the boxes in the parameters' dtype, never below float32 (a float64 model keeps float64
     # DN box logits; under autocast the parameters, and so the boxes, stay float32)
     box_dtype = torch.promote_types(label_enc.weight.dtype, torch.float32)
+    copies = _gt_copies(targets, counts, 2 * num_groups, single_pad, device, box_dtype)
+
+    # label noise draws before box noise: the generator's stream fixes the order
+    labels = copies.labels
+    if label_noise_ratio > 0:
+        labels = _noise_labels(labels, label_noise_ratio, num_classes, generator)
+    boxes = copies.boxes
+    if box_noise_scale > 0:
+        boxes = _noise_boxes(boxes, copies.block % 2 == 1, box_noise_scale, generator)
+
+    embed = label_enc(labels)
+    where = (copies.image_idx, copies.slots)
+    content = embed.new_zeros(len(targets), pad_size, embed.shape[-1]).index_put(where, embed)
+    box_logits = boxes.new_zeros(len(targets), pad_size, 4).index_put(where, inverse_sigmoid(boxes))
+    attn_mask = _dn_attention_mask(pad_size, 2 * single_pad, num_queries, device)
+    return DenoisingQueries(content, box_logits, attn_mask, num_groups, single_pad)
+
+
+@dataclass
+class _GTCopies:
+    """Every GT of the batch repeated once per DN block, flat: (copies·num_gt,) per field.
+
+    Block-major like the official layout: block 2k holds the positives of group k, block 2k+1
+    its negatives; within a block the GTs come image after image.
+    """
+
+    labels: Tensor  # int64 class of each copy
+    boxes: Tensor  # (copies·num_gt, 4) clean cxcywh
+    block: Tensor  # int64 block of each copy
+    image_idx: Tensor  # int64 image of each copy
+    slots: Tensor  # int64 DN slot of each copy in its image: block·single_pad + index of the GT
+
+
+def _gt_copies(targets: list[dict[str, Tensor]], counts: list[int], copies: int, single_pad: int,
+               device: torch.device, box_dtype: torch.dtype) -> _GTCopies:
+    labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
     boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=box_dtype)
     image_idx = torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
     gt_idx = torch.cat([torch.arange(n, dtype=torch.long, device=device) for n in counts])
     num_gt = labels.shape[0]
-    copies = 2 * num_groups  # block 2k = positives of group k, block 2k+1 = its negatives
-
-    # (copies * num_gt,), block-major like the official layout
-    labels = labels.repeat(copies)
-    boxes = boxes.repeat(copies, 1)
     block = torch.arange(copies, device=device).repeat_interleave(num_gt)
-    slots = block * single_pad + gt_idx.repeat(copies)
-    image_idx = image_idx.repeat(copies)
+    return _GTCopies(
+        labels=labels.repeat(copies),
+        boxes=boxes.repeat(copies, 1),
+        block=block,
+        image_idx=image_idx.repeat(copies),
+        slots=block * single_pad + gt_idx.repeat(copies),
+    )
 
-    if label_noise_ratio > 0:
-        flip = torch.rand(labels.shape, generator=generator, device=device) < label_noise_ratio * 0.5
-        random_labels = torch.randint(0, num_classes, labels.shape, generator=generator, device=device)
-        labels = torch.where(flip, random_labels, labels)
-    if box_noise_scale > 0:
-        xyxy = box_cxcywh_to_xyxy(boxes)
-        half_wh = (boxes[:, 2:] / 2).repeat(1, 2)  # (w/2, h/2, w/2, h/2)
-        sign = torch.randint(0, 2, boxes.shape, generator=generator, device=device).float() * 2.0 - 1.0
-        magnitude = torch.rand(boxes.shape, generator=generator, device=device)
-        magnitude = magnitude + (block % 2 == 1).float()[:, None]  # negatives: U[1, 2)
-        xyxy = (xyxy + sign * magnitude * half_wh * box_noise_scale).clamp(0.0, 1.0)
-        boxes = box_xyxy_to_cxcywh(xyxy)
 
-    embed = label_enc(labels)
-    content = embed.new_zeros(batch_size, pad_size, embed.shape[-1]).index_put((image_idx, slots), embed)
-    box_logits = boxes.new_zeros(batch_size, pad_size, 4).index_put((image_idx, slots), inverse_sigmoid(boxes))
+def _noise_labels(labels: Tensor, label_noise_ratio: float, num_classes: int,
+                  generator: torch.Generator | None) -> Tensor:
+    """Each label replaced, with probability ``label_noise_ratio / 2``, by a uniform class."""
+    flip = torch.rand(labels.shape, generator=generator, device=labels.device) < label_noise_ratio * 0.5
+    random_labels = torch.randint(0, num_classes, labels.shape, generator=generator, device=labels.device)
+    return torch.where(flip, random_labels, labels)
 
-    # True = blocked. Matching queries never see DN slots (no GT leak); a DN group sees itself
-    # and the matching queries but no other group.
+
+def _noise_boxes(boxes: Tensor, negative: Tensor, box_noise_scale: float,
+                 generator: torch.Generator | None) -> Tensor:
+    """(M, 4) cxcywh, (M,) bool -> (M, 4) cxcywh with each xyxy corner moved by
+    ±u·(w/2 or h/2)·``box_noise_scale``, u ~ U[0, 1) (positives) or U[1, 2) (negatives), clamped to
+    the image."""
+    xyxy = box_cxcywh_to_xyxy(boxes)
+    half_wh = (boxes[:, 2:] / 2).repeat(1, 2)  # (w/2, h/2, w/2, h/2)
+    sign = torch.randint(0, 2, boxes.shape, generator=generator, device=boxes.device).float() * 2.0 - 1.0
+    magnitude = torch.rand(boxes.shape, generator=generator, device=boxes.device)
+    magnitude = magnitude + negative.float()[:, None]  # negatives: U[1, 2)
+    xyxy = (xyxy + sign * magnitude * half_wh * box_noise_scale).clamp(0.0, 1.0)
+    return box_xyxy_to_cxcywh(xyxy)
+
+
+def _dn_attention_mask(pad_size: int, group_size: int, num_queries: int, device: torch.device) -> Tensor:
+    """(pad_size + Q, pad_size + Q) bool, True = blocked; DN groups of ``group_size`` slots first.
+
+    Matching queries never see DN slots (no GT leak); a DN group sees itself and the matching
+    queries but no other group.
+    """
     size = pad_size + num_queries
     attn_mask = torch.zeros(size, size, dtype=torch.bool, device=device)
     attn_mask[pad_size:, :pad_size] = True
-    group = torch.arange(pad_size, device=device) // (2 * single_pad)
+    group = torch.arange(pad_size, device=device) // group_size
     attn_mask[:pad_size, :pad_size] = group[:, None] != group[None, :]
-    return DenoisingQueries(content, box_logits, attn_mask, num_groups, single_pad)
+    return attn_mask

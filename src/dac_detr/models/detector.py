@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone_common import resize_padding_mask
-from .denoising import build_cdn_queries
+from .denoising import DenoisingQueries, build_cdn_queries
 from .position_encoding import PositionEmbeddingSine
 from .transformer import DeformableTransformer
 
@@ -108,17 +108,22 @@ class DACDETR(nn.Module):
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
         self.input_proj, self.num_backbone_levels = _input_projections(
             list(backbone.num_channels), hidden_dim, num_feature_levels)
-
-        if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, 2 * hidden_dim)  # (positional, content)
-        elif mixed_selection:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim)  # content only
-        if dn_number > 0:
-            # one extra row, as DN-DETR's "unknown" label; the noise only draws [0, num_classes)
-            self.label_enc = nn.Embedding(num_classes + 1, hidden_dim)
-
+        # after the projections, before the heads: the module order fixes what each init draws from the global RNG
+        self._build_embedding_tables()
         self.class_embed, self.bbox_embed = _prediction_heads(
             hidden_dim, num_classes, num_decoder_layers, two_stage, with_box_refine)
+
+    def _build_embedding_tables(self) -> None:
+        """The learned query table (``query_embed``: (Q, 2d) positional and content queries without
+        two-stage, (Q, d) content queries with mixed selection, none otherwise) and, with
+        denoising, the DN label book ``label_enc``."""
+        if not self.two_stage:
+            self.query_embed = nn.Embedding(self.num_queries, 2 * self.hidden_dim)  # (positional, content)
+        elif self.mixed_selection:
+            self.query_embed = nn.Embedding(self.num_queries, self.hidden_dim)  # content only
+        if self.dn_number > 0:
+            # one extra row, as DN-DETR's "unknown" label; the noise only draws [0, num_classes)
+            self.label_enc = nn.Embedding(self.num_classes + 1, self.hidden_dim)
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -137,15 +142,7 @@ class DACDETR(nn.Module):
         src_flat, pos_flat, levels = self.transformer.flatten(srcs, masks, pos_embeds)
         memory = self.transformer.encoder(src_flat, pos_flat, levels)
 
-        dn = None
-        if self.training and self.dn_number > 0:
-            if targets is None:
-                raise ValueError("training with denoising (dn_number > 0) needs `targets`; "
-                                 "pass the batch targets or build the model with dn_number=0")
-            _check_targets(targets, batch_size, self.num_classes)
-            dn = build_cdn_queries(targets, self.label_enc, self.num_classes, self.num_queries, self.dn_number,
-                                   self.dn_label_noise_ratio, self.dn_box_noise_scale, generator)
-
+        dn = self._denoising_queries(targets, batch_size, generator) if self.training else None
         out: dict = {}
         topk_box_logits = None
         if self.two_stage:
@@ -182,6 +179,18 @@ class DACDETR(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------
+    def _denoising_queries(self, targets: list[dict[str, Tensor]] | None, batch_size: int,
+                           generator: torch.Generator | None) -> DenoisingQueries | None:
+        """The CDN queries of a training batch; None with denoising off or no GT in the batch."""
+        if self.dn_number <= 0:
+            return None
+        if targets is None:
+            raise ValueError("training with denoising (dn_number > 0) needs `targets`; "
+                             "pass the batch targets or build the model with dn_number=0")
+        _check_targets(targets, batch_size, self.num_classes)
+        return build_cdn_queries(targets, self.label_enc, self.num_classes, self.num_queries, self.dn_number,
+                                 self.dn_label_noise_ratio, self.dn_box_noise_scale, generator)
+
     def _multiscale_features(self, images: Tensor, pixel_mask: Tensor
                              ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Projected maps (B, d, h_l, w_l), their padding masks and sine positions, L levels."""

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from typing import Mapping
+from typing import Any, Mapping
 
 import timm
 import torch
@@ -247,46 +247,10 @@ class SwinBackbone(BackboneBase):
         pretrain_img_size: int = 384,
     ):
         super().__init__()
-        overrides = {
-            key: (tuple(value) if isinstance(value, Sequence) else value)
-            for key, value in dict(
-                embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size
-            ).items()
-            if value is not None
-        }
-        if depths is not None and len(tuple(depths)) != 4:
-            raise ValueError(f"Swin needs 4 stages (stages 1-3 are returned); got depths={list(depths)}")
-        if depths is not None and num_heads is not None and len(tuple(num_heads)) != len(tuple(depths)):
-            raise ValueError(
-                f"num_heads {list(num_heads)} must give one head count per stage of depths {list(depths)}"
-            )
+        overrides = _architecture_overrides(embed_dim, depths, num_heads, window_size)
         use_hub = pretrained is not None and str(pretrained) == "timm"
-        try:
-            swin = timm.create_model(
-                model_name,
-                pretrained=use_hub,
-                num_classes=0,
-                img_size=pretrain_img_size,
-                drop_path_rate=drop_path_rate,
-                strict_img_size=False,  # any input size; patch padding is done in SwinBody
-                always_partition=True,  # keep the configured window and shift (official behaviour)
-                **overrides,
-            )
-        except Exception as error:  # noqa: BLE001 - sorted into clear messages below
-            if isinstance(error, RuntimeError) and "Unknown model" in str(error):
-                raise ValueError(
-                    f"unknown timm model '{model_name}'; use a Swin name such as "
-                    "swin_large_patch4_window12_384 (see timm.list_models('swin*'))"
-                ) from error
-            if use_hub and "Error(s) in loading state_dict" in str(error):
-                raise ValueError(
-                    f"timm's pretrained weights for '{model_name}' do not fit the configured "
-                    f"architecture ({error}). Remove the embed_dim/depths/num_heads overrides or "
-                    "set backbone.pretrained=null."
-                ) from error
-            if use_hub:  # network or cache failures come in many exception types
-                raise _hub_error(model_name, error) from error
-            raise
+        swin = _create_timm_swin(model_name, use_hub, overrides, img_size=pretrain_img_size,
+                                 drop_path_rate=drop_path_rate)
         self.model_name = model_name
         self.body = SwinBody(swin, gradient_checkpointing=gradient_checkpointing)
         self.num_channels = list(self.body.num_channels)
@@ -334,6 +298,55 @@ class SwinBackbone(BackboneBase):
             resized[key] = resize_rel_pos_bias_table(table, new_window_size=window, new_bias_shape=target)
             log.info("interpolated %s from %s to %s (window %s)", key, tuple(table.shape), tuple(target), window)
         return resized
+
+
+def _architecture_overrides(embed_dim: int | None, depths: Sequence[int] | None, num_heads: Sequence[int] | None,
+                            window_size: int | None) -> dict[str, Any]:
+    """The timm keyword arguments of the given (not ``None``) overrides, sequences as tuples."""
+    if depths is not None and len(tuple(depths)) != 4:
+        raise ValueError(f"Swin needs 4 stages (stages 1-3 are returned); got depths={list(depths)}")
+    if depths is not None and num_heads is not None and len(tuple(num_heads)) != len(tuple(depths)):
+        raise ValueError(
+            f"num_heads {list(num_heads)} must give one head count per stage of depths {list(depths)}"
+        )
+    return {
+        key: (tuple(value) if isinstance(value, Sequence) else value)
+        for key, value in dict(
+            embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size
+        ).items()
+        if value is not None
+    }
+
+
+def _create_timm_swin(model_name: str, use_hub: bool, overrides: dict[str, Any], img_size: int,
+                      drop_path_rate: float) -> nn.Module:
+    """timm's Swin without classifier, hub weights when ``use_hub``; failures as clear errors."""
+    try:
+        return timm.create_model(
+            model_name,
+            pretrained=use_hub,
+            num_classes=0,
+            img_size=img_size,
+            drop_path_rate=drop_path_rate,
+            strict_img_size=False,  # any input size; patch padding is done in SwinBody
+            always_partition=True,  # keep the configured window and shift (official behaviour)
+            **overrides,
+        )
+    except Exception as error:  # noqa: BLE001 - sorted into clear messages below
+        if isinstance(error, RuntimeError) and "Unknown model" in str(error):
+            raise ValueError(
+                f"unknown timm model '{model_name}'; use a Swin name such as "
+                "swin_large_patch4_window12_384 (see timm.list_models('swin*'))"
+            ) from error
+        if use_hub and "Error(s) in loading state_dict" in str(error):
+            raise ValueError(
+                f"timm's pretrained weights for '{model_name}' do not fit the configured "
+                f"architecture ({error}). Remove the embed_dim/depths/num_heads overrides or "
+                "set backbone.pretrained=null."
+            ) from error
+        if use_hub:  # network or cache failures come in many exception types
+            raise _hub_error(model_name, error) from error
+        raise
 
 
 def _hub_error(model_name: str, error: Exception) -> PretrainedWeightsUnavailable:

@@ -29,6 +29,7 @@ class FlatLevels:
     shapes_tensor: Tensor  # (L, 2) int64, the same on the device, for the kernel
     level_start_index: Tensor  # (L,) int64
     padding_mask: Tensor  # (B, S) bool, True on padding
+    valid_sizes: Tensor  # (B, L, 2) int64 un-padded (w, h) of each level, in cells
     valid_ratios: Tensor  # (B, L, 2) un-padded fraction (w, h) of each level
 
 
@@ -300,12 +301,14 @@ class DeformableTransformer(nn.Module):
         for h, w in shapes:
             starts.append(total)
             total += h * w
+        valid_sizes = [valid_size(m) for m in masks]
         levels = FlatLevels(
             shapes=shapes,
             shapes_tensor=torch.tensor(shapes, dtype=torch.long, device=device),
             level_start_index=torch.tensor(starts, dtype=torch.long, device=device),
             padding_mask=torch.cat([m.flatten(1) for m in masks], 1),
-            valid_ratios=torch.stack([_valid_ratio(m) for m in masks], 1),
+            valid_sizes=torch.stack(valid_sizes, 1),
+            valid_ratios=torch.stack([valid_ratio(size, h, w) for size, (h, w) in zip(valid_sizes, shapes)], 1),
         )
         return src_flat, pos_flat, levels
 
@@ -318,22 +321,18 @@ class DeformableTransformer(nn.Module):
         """
         B = memory.shape[0]
         proposals = []
-        start = 0
         for lvl, (h, w) in enumerate(levels.shapes):
-            mask = levels.padding_mask[:, start:start + h * w].view(B, h, w)
-            valid_h = (~mask[:, :, 0]).sum(1)
-            valid_w = (~mask[:, 0, :]).sum(1)
             grid_y, grid_x = torch.meshgrid(  # = linspace(0, h - 1, h), traceable with a symbolic h
                 torch.arange(h, dtype=torch.float32, device=memory.device),
                 torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)
-            scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
+            # divide by the integer cell counts, not ratio·size: that product need not round back
+            scale = levels.valid_sizes[:, lvl].view(B, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale
             wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
             proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))
-            start += h * w
         proposals = torch.cat(proposals, 1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
@@ -384,9 +383,17 @@ class DeformableTransformer(nn.Module):
                 torch.cat([dn_box_logits[..., :2].sigmoid(), reference], 1))
 
 
-def _valid_ratio(mask: Tensor) -> Tensor:
-    """(B, h, w) padding mask -> (B, 2) un-padded fraction (w, h), from the first row / column."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+def valid_size(mask: Tensor) -> Tensor:
+    """(B, h, w) padding mask, True on padding -> (B, 2) int64 un-padded (w, h) in cells.
+
+    Padding is bottom-right, so the first row holds every valid column and the first column
+    every valid row. The one place the valid extent is read from a mask: the valid ratios and
+    the encoder proposals both start from it (``DeformableTransformer.flatten``).
+    """
+    return torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1)
+
+
+def valid_ratio(size: Tensor, h: int, w: int) -> Tensor:
+    """(B, 2) un-padded (w, h) of an h x w level (``valid_size``) -> (B, 2) un-padded fraction (w, h)."""
+    size = size.float()
+    return torch.stack([size[:, 0] / w, size[:, 1] / h], -1)
