@@ -137,3 +137,23 @@ def test_drawings_scale_with_the_image_and_colour_by_class():
         longest = max(max((len(r) for r in "".join("1" if v else "0" for v in row).split("0")), default=0)
                       for row in filled)
         assert longest >= 0.05 * side
+
+
+def test_model_equals_file_is_ckpt_on_the_command_line(trained, tmp_path):
+    """`predict model=FILE` (the deployment guides' form) runs the file as ckpt=FILE would; both at once is refused."""
+    from dac_detr.predict import model_file_alias
+    from test_train_helpers import run_cli
+
+    assert model_file_alias(["model=m.onnx", "images=a"]) == ["ckpt=m.onnx", "images=a"]
+    assert model_file_alias(["ckpt=m.pth"]) == ["ckpt=m.pth"]
+    ckpt, data_root = trained
+    images = tmp_path / "photos"
+    images.mkdir()
+    shutil.copy(sorted(_val_images(data_root).iterdir())[0], images / "one.jpg")
+    common = [f"images={images}", "device=cpu", "draw=false", "score_threshold=0.0", f"paths.log_dir={tmp_path}"]
+    result = run_cli("dac_detr.predict", [f"model={ckpt}", f"out={tmp_path / 'out'}", *common], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "detections.json").read_text())  # the checkpoint ran
+    both = run_cli("dac_detr.predict", [f"model={ckpt}", f"ckpt={ckpt}", f"out={tmp_path / 'out2'}", *common],
+                   cwd=tmp_path, timeout=300)
+    assert both.returncode == 1 and "give the checkpoint or ONNX file once, as ckpt=FILE" in both.stderr

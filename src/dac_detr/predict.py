@@ -1,5 +1,5 @@
 """Detect objects in images: `python -m dac_detr.predict ckpt=PATH images=DIR out=DIR`
-(``ckpt=model.onnx``: an ONNX export, run with onnxruntime).
+(``ckpt=model.onnx``: an ONNX export, run with onnxruntime; ``model=FILE`` is the same as ``ckpt=FILE``).
 
 One inference pipeline: images are decoded, resized, normalised and padded by the validation
 transforms and the collate of the training run's data module (the ones evaluation uses), and the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -270,9 +271,33 @@ def _run_batch(source: Source, batch: list, collate: Callable, postprocess, cfg:
     return rows
 
 
+def model_file_alias(args: list[str]) -> list[str]:
+    """``model=FILE`` (the form deployment guides use) means ``ckpt=FILE``.
+
+    predict reads the detector from the file, so unlike train it has no ``model`` config group for
+    Hydra to choose from; without this, ``model=model.onnx`` ends in Hydra's "Could not override
+    'model'". Giving both is ambiguous and refused with the fix.
+    """
+    if not any(a.startswith("model=") for a in args):
+        return list(args)
+    if any(a.startswith("ckpt=") for a in args):
+        raise ValueError("predict got both model= and ckpt=; give the checkpoint or ONNX file once, as ckpt=FILE.")
+    return [f"ckpt={a[len('model='):]}" if a.startswith("model=") else a for a in args]
+
+
 @hydra.main(version_base="1.3", config_path="pkg://dac_detr.conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     predict(cfg)
+
+
+def main() -> None:
+    """The command line (``python -m dac_detr.predict``, ``dac-detr-predict``)."""
+    try:
+        sys.argv[1:] = model_file_alias(sys.argv[1:])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    _hydra_main()
 
 
 if __name__ == "__main__":
