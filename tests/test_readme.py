@@ -115,6 +115,10 @@ CASES: dict[str, Run | Needs | str] = {
         "an official checkpoint (downloaded, then converted) and COCO", swap=["r50_weights"], entry="evaluate"),
     "python -m dac_detr.predict ckpt=PATH images=DIR out=DIR": Run(fill={"PATH": "quickstart_ckpt", "DIR": "val_images|predictions"}),
     "python -m dac_detr.export ckpt=PATH out=model.pth": Run(fill={"PATH": "quickstart_ckpt"}),
+    "python -m dac_detr.export ckpt=PATH format=onnx out=model.onnx": Run(fill={"PATH": "quickstart_ckpt"}),
+    "python -m dac_detr.export ckpt=PATH format=onnx postprocess=topk out=model_topk.onnx": Run(
+        fill={"PATH": "quickstart_ckpt"}),
+    "python -m dac_detr.predict ckpt=model.onnx images=DIR out=DIR": Run(fill={"DIR": "val_images|predictions_onnx"}),
 }
 
 
@@ -186,7 +190,7 @@ def test_readme_commands_run_as_typed(session):
     """All as-typed commands, in README order, each checked for what it promises."""
     workdir, made = session["workdir"], session["made"]
     order = [c for c in readme_commands() if c in RUN_COMMANDS]
-    quickstart, make_set, finetune, sweep, predict, export = order
+    quickstart, make_set, finetune, sweep, predict, export, export_onnx, export_topk, predict_onnx = order
 
     output = _run_as_typed(session, quickstart)
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all" in output  # the COCO table
@@ -224,6 +228,57 @@ def test_readme_commands_run_as_typed(session):
 
     _run_as_typed(session, export)
     assert (workdir / "model.pth").is_file()
+
+    _check_onnx_commands(session, export_onnx, export_topk, predict_onnx, detections)
+
+
+def _check_onnx_commands(session, export_onnx: str, export_topk: str, predict_onnx: str, detections: list[dict]) -> None:
+    """The deploy recipe: both exports load in onnxruntime with the promised contract, and predict
+    with the ONNX file writes the PyTorch predict's detections."""
+    import numpy as np
+    import onnxruntime
+
+    from dac_detr.data.synthetic import CLASSES as SYNTHETIC_CLASSES
+    from dac_detr.deploy.graph import DETECTION_OUTPUTS, RAW_OUTPUTS
+    from dac_detr.deploy.onnx_export import read_metadata
+
+    workdir, made = session["workdir"], session["made"]
+    _run_as_typed(session, export_onnx)
+    _run_as_typed(session, export_topk)
+    for name, outputs in (("model.onnx", RAW_OUTPUTS), ("model_topk.onnx", DETECTION_OUTPUTS + RAW_OUTPUTS)):
+        ort = onnxruntime.InferenceSession(str(workdir / name), providers=["CPUExecutionProvider"])
+        assert [o.name for o in ort.get_outputs()] == list(outputs), name
+        assert read_metadata(workdir / name)["class_names"] == [cls for cls, _colour in SYNTHETIC_CLASSES]
+        # dynamic batch and size: a padded batch of two at a size the export never saw
+        feed = {"images": np.random.default_rng(0).normal(size=(2, 3, 72, 88)).astype(np.float32),
+                "pixel_mask": np.zeros((2, 72, 88), dtype=bool)}
+        if "scores" in outputs:
+            feed["orig_sizes"] = np.array([[72, 88], [60, 80]], dtype=np.int64)
+        result = dict(zip(outputs, ort.run(list(outputs), feed)))
+        assert result["pred_boxes"].shape == (2, 30, 4)  # the quickstart's 30 queries
+        if "scores" in result:
+            assert result["scores"].shape[0] == result["labels"].shape[0] == result["boxes"].shape[0] == 2
+
+    made["predictions_onnx"] = str(workdir / "predictions_onnx")
+    _run_as_typed(session, predict_onnx)
+    onnx_rows = json.loads((workdir / "predictions_onnx" / "detections.json").read_text())
+    # the shrunk quickstart may find nothing above predict's score_threshold, so the rows may be none;
+    # tests/test_export_onnx.py compares the two predicts on real detections at threshold 0
+    assert len(onnx_rows) == len(detections)
+    drawn = {p.name for p in Path(made["val_images"]).iterdir()}
+    for folder in ("predictions", "predictions_onnx"):  # every image drawn, by both
+        assert {p.name for p in (workdir / folder).iterdir() if p.suffix != ".json"} == drawn, folder
+    unmatched = list(detections)
+    for ours in onnx_rows:  # each ONNX detection pairs with one PyTorch detection of its image
+        twin = next((theirs for theirs in unmatched if _same_detection(ours, theirs)), None)
+        assert twin is not None, f"ONNX detection {ours} has no PyTorch twin"
+        unmatched.remove(twin)
+
+
+def _same_detection(a: dict, b: dict) -> bool:
+    """Same image and category, score within 1e-4, box within 1e-2 px."""
+    return ((a["file_name"], a["category_id"]) == (b["file_name"], b["category_id"])
+            and abs(a["score"] - b["score"]) < 1e-4 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-2)
 
 
 # ---- commands that need what CI cannot have: compose exactly, then the first step on synthetic data ----
