@@ -24,6 +24,22 @@ from dac_detr.evaluation.postprocess import PostProcess  # noqa: E402
 from dac_detr.export import export_onnx_checkpoint  # noqa: E402
 from test_train_helpers import compose_train, short_run_overrides, tiny_data_overrides  # noqa: E402
 
+
+def _export_unavailable_reason() -> str:
+    from dac_detr.deploy.onnx_export import ExportUnavailable, require_onnx_export
+
+    try:
+        require_onnx_export()
+    except ExportUnavailable as err:
+        return str(err)
+    return ""
+
+
+# torch < 2.8 cannot export (docs/deploy.md, Supported torch versions; 2.6 runs the rest of the package):
+# there the export tests skip and test_export_on_too_old_torch_is_one_clear_line runs instead.
+EXPORT_UNAVAILABLE = _export_unavailable_reason()
+needs_export = pytest.mark.skipif(bool(EXPORT_UNAVAILABLE), reason=EXPORT_UNAVAILABLE)
+
 TOL = 1e-4
 MEASURED: dict[str, float] = {}
 
@@ -94,6 +110,7 @@ def _check_topk(ref_scores, ref_labels, scores, labels, name):
     assert torch.equal(labels[~near_tie], ref_labels[~near_tie]), f"{name}: top-k labels differ"
 
 
+@needs_export
 @pytest.mark.parametrize("name,sizes", QUICKSTART_CASES, ids=[c[0] for c in QUICKSTART_CASES])
 def test_quickstart_onnx_matches_pytorch(quickstart_onnx, name, sizes):
     path, loaded = quickstart_onnx
@@ -114,6 +131,7 @@ def test_quickstart_onnx_matches_pytorch(quickstart_onnx, name, sizes):
     assert set(outputs["labels"].unique().tolist()) <= set(loaded.category_ids)
 
 
+@needs_export
 def test_onnx_file_carries_classes_and_contract(quickstart_onnx):
     import onnx
 
@@ -179,6 +197,7 @@ R50_CASES = [
 ]
 
 
+@needs_export
 @pytest.mark.parametrize("name,sizes", R50_CASES, ids=[c[0] for c in R50_CASES])
 def test_r50_onnx_matches_pytorch(r50_onnx, name, sizes):
     path, model, post, category_ids = r50_onnx
@@ -211,6 +230,7 @@ def _predict(tmp_path, name, *args):
     return predict(cfg)
 
 
+@needs_export
 def test_onnx_predict_equals_pytorch_predict(quickstart_ckpt, quickstart_onnx, tmp_path):
     """predict ckpt=FILE.onnx (onnxruntime, top-k in the graph) writes the detections and drawings of
     predict ckpt=... (PyTorch, the same top-k) on the synthetic val images."""
@@ -238,6 +258,7 @@ def test_onnx_predict_equals_pytorch_predict(quickstart_ckpt, quickstart_onnx, t
     assert drawn == sorted(p.name for p in (tmp_path / "torch").glob("*.jpg")) and len(drawn) == len(list(images.iterdir()))
 
 
+@needs_export
 @pytest.mark.parametrize("kind", ["missing", "truncated", "not_ours"])
 def test_export_of_a_bad_checkpoint_is_one_clear_line(kind, tmp_path, caplog):
     """Missing, truncated or foreign checkpoints: one line naming the problem, exit code 1."""
@@ -263,6 +284,7 @@ def test_export_of_a_bad_checkpoint_is_one_clear_line(kind, tmp_path, caplog):
     assert not (tmp_path / "m.onnx").exists()
 
 
+@needs_export
 def test_export_cli_truncated_checkpoint_exits_1_without_traceback(tmp_path):
     from test_train_helpers import run_cli
 
@@ -272,3 +294,39 @@ def test_export_cli_truncated_checkpoint_exits_1_without_traceback(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-2000:]
     assert "cut.ckpt" in output and "Traceback" not in output
+
+
+@pytest.mark.skipif(not EXPORT_UNAVAILABLE or "needs torch" not in EXPORT_UNAVAILABLE,
+                    reason="runs only on a torch too old to export (< 2.8)")
+def test_export_on_too_old_torch_is_one_clear_line(tmp_path, caplog):
+    """format=onnx on torch < 2.8: one line naming the torch needed, exit code 1, before any model work."""
+    import logging
+
+    from dac_detr.deploy.onnx_export import TORCH_FOR_EXPORT
+    from dac_detr.export import export
+
+    cfg = compose_train([f"ckpt={tmp_path / 'absent.ckpt'}", "format=onnx", f"out={tmp_path / 'm.onnx'}",
+                         f"paths.log_dir={tmp_path}"], output_dir=tmp_path / "run", config_name="export")
+    with caplog.at_level(logging.ERROR, logger="dac_detr"), pytest.raises(SystemExit) as exit_info:
+        export(cfg)
+    assert exit_info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert f"torch >= {TORCH_FOR_EXPORT}" in errors[0] and torch.__version__ in errors[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_export_with_fixed_image_sizes_is_refused():
+    """A file whose H/W came out fixed (torch 2.6 retries torch.export with the sizes pinned) is an error."""
+    from onnx import TensorProto, helper
+
+    from dac_detr.deploy.onnx_export import ExportUnavailable, _check_dynamic_inputs
+
+    def model(h, w):
+        images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, h, w])
+        out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3, h, w])
+        return helper.make_model(helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g", [images], [out]))
+
+    _check_dynamic_inputs(model("height", "width"), {"images": [0, 2, 3]})
+    with pytest.raises(ExportUnavailable, match=r"images\[2\]=160, images\[3\]=192"):
+        _check_dynamic_inputs(model(160, 192), {"images": [0, 2, 3]})

@@ -5,7 +5,8 @@ the TorchScript-based exporter because it (a) keeps the batch, height and width 
 the whole graph from one trace (the TorchScript tracer records every Python int it meets, e.g. the
 per-level feature sizes, as constants), (b) translates ``torchvision.ops.nms`` (ONNX
 ``NonMaxSuppression``) for the post-processing inside the graph, and (c) is the exporter PyTorch
-maintains (the TorchScript one is deprecated). It needs ``onnxscript`` and torch >= 2.5.
+maintains (the TorchScript one is deprecated). It needs ``onnxscript`` and torch >= 2.8
+(``TORCH_FOR_EXPORT``; docs/deploy.md, Supported torch versions).
 
 What keeps the sizes symbolic (checked by tests/test_export_onnx.py at several sizes):
 
@@ -43,6 +44,7 @@ METADATA_PREFIX = "dac_detr."
 MIN_SIDE = 32  # smallest image side the dynamic dims admit (one stride-32 cell)
 MAX_SIDE = 8192
 EXAMPLE_BATCH = 2
+TORCH_FOR_EXPORT = "2.8"  # 2.5.1, 2.6.0, 2.7.1 measured to fail; 2.14.1 passes; 2.8-2.13 untested
 
 
 class ExportUnavailable(ConfigError):
@@ -67,9 +69,16 @@ def require_onnx_export() -> None:
         raise ExportUnavailable(
             f"format=onnx needs {' and '.join(missing)}: pip install \"dac-detr[export]\" (onnx, onnxruntime, onnxscript)."
         )
-    if "dynamo" not in _export_parameters():
+    # Measured (docs/deploy.md, Supported torch versions): torch 2.5.1 and 2.6.0 lack
+    # torch.compiler.is_exporting(), by which the model picks its ONNX-translatable deformable
+    # attention ("No ONNX function found" for the custom op), and 2.6's torch.export pins the image
+    # size on torch.tensor() of the level sizes; 2.7.1 has the function but its torch.export still
+    # guards on the image size (conv/pool output parity, no size-1 levels) and refuses dynamic sizes.
+    # A version check is unavoidable: 2.7 fails deep inside torch.export, after minutes of tracing.
+    if "dynamo" not in _export_parameters() or torch.__version__ < TORCH_FOR_EXPORT:
         raise ExportUnavailable(
-            f"format=onnx needs torch.onnx.export(dynamo=True) (torch >= 2.5); this is torch {torch.__version__}."
+            f"format=onnx needs torch >= {TORCH_FOR_EXPORT} (this is torch {torch.__version__}; older torch.export "
+            f"cannot keep the image size dynamic): pip install -U torch torchvision."
         )
 
 
@@ -143,7 +152,7 @@ def export_onnx(
         warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used.*")
         program = torch.onnx.export(graph, args, **kwargs)
     if program is None:
-        raise ExportUnavailable("torch.onnx.export(dynamo=True) returned no program; update torch (>= 2.5).")
+        raise ExportUnavailable(f"torch.onnx.export(dynamo=True) returned no program; use torch >= {TORCH_FOR_EXPORT}.")
     tmp = out.with_name(out.name + ".tmp")
     program.save(str(tmp))
     model = onnx.load(str(tmp))
@@ -152,11 +161,34 @@ def export_onnx(
         entry.key = METADATA_PREFIX + key
         entry.value = value if isinstance(value, str) else json.dumps(value)
     model.producer_name = "dac_detr"
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(tmp))
-    tmp.replace(out)
+    try:
+        _check_dynamic_inputs(model, {name: sorted(spec) for name, spec in zip(graph.input_names, dynamic)})
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info("ONNX export: %s (opset %d, %.0f s)", out, opset, time.perf_counter() - start)
     return out
+
+
+def _check_dynamic_inputs(model: Any, dynamic_axes: dict[str, list[int]]) -> None:
+    """Fail when an axis meant to be dynamic came out fixed in the file.
+
+    torch.export raises when a dynamic size gets specialised, but torch.onnx.export may retry with
+    the suggested fix (a fixed size) and write a graph that accepts only the example's size.
+    """
+    fixed = []
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis in dynamic_axes.get(value.name, []):
+            if axis < len(dims) and not dims[axis].dim_param:
+                fixed.append(f"{value.name}[{axis}]={dims[axis].dim_value}")
+    if fixed:
+        raise ExportUnavailable(
+            f"the ONNX export fixed sizes that must stay dynamic ({', '.join(fixed)}) with torch {torch.__version__}; "
+            f"use torch >= {TORCH_FOR_EXPORT} (docs/deploy.md, Supported torch versions)."
+        )
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
