@@ -24,6 +24,7 @@ What keeps the sizes symbolic (checked by tests/test_export_onnx.py at several s
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import time
@@ -117,27 +118,9 @@ def export_onnx(
     graph, several times slower export.
     """
     require_onnx_export()
-    import onnx
-
-    import copy
-
     # a copy: the caller's model keeps its modules; FrozenBatchNorm2d folded (bit-identical, shorter export)
     graph = fold_frozen_batchnorm(copy.deepcopy(graph).eval().cpu())
-    detector = graph.detector
-    num_queries = int(getattr(detector, "num_queries", 1))
-    h, w = example or example_size(num_queries)
-    images = torch.zeros(EXAMPLE_BATCH, 3, h, w)
-    pixel_mask = torch.zeros(EXAMPLE_BATCH, h, w, dtype=torch.bool)
-    pixel_mask[1, h - 32:, :] = True  # a padded second image: both mask branches are exercised
-    args: tuple = (images, pixel_mask)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
-    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
-    dynamic: list[Any] = [{0: batch, 2: height, 3: width}, {0: batch, 1: height, 2: width}]
-    if graph.postprocess is not None:
-        args = args + (torch.tensor([[h, w], [h - 32, w]], dtype=torch.int64),)
-        dynamic.append({0: batch})
-
+    args, dynamic = _example_inputs(graph, example)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = dict(
@@ -153,23 +136,54 @@ def export_onnx(
         program = torch.onnx.export(graph, args, **kwargs)
     if program is None:
         raise ExportUnavailable(f"torch.onnx.export(dynamo=True) returned no program; use torch >= {TORCH_FOR_EXPORT}.")
+    dynamic_axes = {name: sorted(spec) for name, spec in zip(graph.input_names, dynamic)}
+    _save_checked(program, out, metadata, dynamic_axes)
+    log.info("ONNX export: %s (opset %d, %.0f s)", out, opset, time.perf_counter() - start)
+    return out
+
+
+def _example_inputs(graph: InferenceGraph, example: Optional[tuple[int, int]]) -> tuple[tuple, list[dict]]:
+    """The traced inputs (a batch of 2, the second image padded) and their dynamic axes.
+
+    images (B, 3, H, W), pixel_mask (B, H, W) and, with post-processing in the graph, orig_sizes
+    (B, 2); B, H and W are ``torch.export.Dim``s shared by the inputs that carry them.
+    """
+    num_queries = int(getattr(graph.detector, "num_queries", 1))
+    h, w = example or example_size(num_queries)
+    images = torch.zeros(EXAMPLE_BATCH, 3, h, w)
+    pixel_mask = torch.zeros(EXAMPLE_BATCH, h, w, dtype=torch.bool)
+    pixel_mask[1, h - 32:, :] = True  # a padded second image: both mask branches are exercised
+    args: tuple = (images, pixel_mask)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    dynamic: list[dict] = [{0: batch, 2: height, 3: width}, {0: batch, 1: height, 2: width}]
+    if graph.postprocess is not None:
+        args = args + (torch.tensor([[h, w], [h - 32, w]], dtype=torch.int64),)
+        dynamic.append({0: batch})
+    return args, dynamic
+
+
+def _save_checked(program: Any, out: Path, metadata: dict[str, Any], dynamic_axes: dict[str, list[int]]) -> None:
+    """Write the exported program to ``out`` with our metadata, after the dynamic-axes check and
+    ``onnx.checker``; nothing is left at ``out`` (or beside it) when a check fails."""
+    import onnx
+
     tmp = out.with_name(out.name + ".tmp")
-    program.save(str(tmp))
-    model = onnx.load(str(tmp))
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key = METADATA_PREFIX + key
-        entry.value = value if isinstance(value, str) else json.dumps(value)
-    model.producer_name = "dac_detr"
     try:
-        _check_dynamic_inputs(model, {name: sorted(spec) for name, spec in zip(graph.input_names, dynamic)})
+        program.save(str(tmp))
+        model = onnx.load(str(tmp))
+        for key, value in metadata.items():
+            entry = model.metadata_props.add()
+            entry.key = METADATA_PREFIX + key
+            entry.value = value if isinstance(value, str) else json.dumps(value)
+        model.producer_name = "dac_detr"
+        _check_dynamic_inputs(model, dynamic_axes)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("ONNX export: %s (opset %d, %.0f s)", out, opset, time.perf_counter() - start)
-    return out
 
 
 def _check_dynamic_inputs(model: Any, dynamic_axes: dict[str, list[int]]) -> None:
