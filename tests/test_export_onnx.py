@@ -35,7 +35,7 @@ def _export_unavailable_reason() -> str:
     return ""
 
 
-# torch < 2.8 cannot export (docs/deploy.md, Supported torch versions; 2.6 runs the rest of the package):
+# torch < 2.10 cannot export (docs/deploy.md, Supported torch versions; 2.6 runs the rest of the package):
 # there the export tests skip and test_export_on_too_old_torch_is_one_clear_line runs instead.
 EXPORT_UNAVAILABLE = _export_unavailable_reason()
 needs_export = pytest.mark.skipif(bool(EXPORT_UNAVAILABLE), reason=EXPORT_UNAVAILABLE)
@@ -297,9 +297,9 @@ def test_export_cli_truncated_checkpoint_exits_1_without_traceback(tmp_path):
 
 
 @pytest.mark.skipif(not EXPORT_UNAVAILABLE or "needs torch" not in EXPORT_UNAVAILABLE,
-                    reason="runs only on a torch too old to export (< 2.8)")
+                    reason="runs only on a torch too old to export (< 2.10)")
 def test_export_on_too_old_torch_is_one_clear_line(tmp_path, caplog):
-    """format=onnx on torch < 2.8: one line naming the torch needed, exit code 1, before any model work."""
+    """format=onnx on torch < 2.10: one line naming the torch needed, exit code 1, before any model work."""
     import logging
 
     from dac_detr.deploy.onnx_export import TORCH_FOR_EXPORT

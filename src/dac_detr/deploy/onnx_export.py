@@ -5,7 +5,7 @@ the TorchScript-based exporter because it (a) keeps the batch, height and width 
 the whole graph from one trace (the TorchScript tracer records every Python int it meets, e.g. the
 per-level feature sizes, as constants), (b) translates ``torchvision.ops.nms`` (ONNX
 ``NonMaxSuppression``) for the post-processing inside the graph, and (c) is the exporter PyTorch
-maintains (the TorchScript one is deprecated). It needs ``onnxscript`` and torch >= 2.8
+maintains (the TorchScript one is deprecated). It needs ``onnxscript`` and torch >= 2.10
 (``TORCH_FOR_EXPORT``; docs/deploy.md, Supported torch versions).
 
 What keeps the sizes symbolic (checked by tests/test_export_onnx.py at several sizes):
@@ -45,7 +45,7 @@ METADATA_PREFIX = "dac_detr."
 MIN_SIDE = 32  # smallest image side the dynamic dims admit (one stride-32 cell)
 MAX_SIDE = 8192
 EXAMPLE_BATCH = 2
-TORCH_FOR_EXPORT = "2.8"  # 2.5.1, 2.6.0, 2.7.1 measured to fail; 2.14.1 passes; 2.8-2.13 untested
+TORCH_FOR_EXPORT = "2.10"  # 2.5.1-2.9.1 measured to fail; 2.10.0 and 2.14.1 pass; 2.11-2.13 untested
 
 
 class ExportUnavailable(ConfigError):
@@ -73,9 +73,10 @@ def require_onnx_export() -> None:
     # Measured (docs/deploy.md, Supported torch versions): torch 2.5.1 and 2.6.0 lack
     # torch.compiler.is_exporting(), by which the model picks its ONNX-translatable deformable
     # attention ("No ONNX function found" for the custom op), and 2.6's torch.export pins the image
-    # size on torch.tensor() of the level sizes; 2.7.1 has the function but its torch.export still
-    # guards on the image size (conv/pool output parity, no size-1 levels) and refuses dynamic sizes.
-    # A version check is unavoidable: 2.7 fails deep inside torch.export, after minutes of tracing.
+    # size on torch.tensor() of the level sizes; 2.7.1, 2.8.0 and 2.9.1 have the function but their
+    # torch.export still guards on the image size (conv/pool output parity, no size-1 levels; 2.9.1
+    # also H, W >= 65 and batch != 1) and refuses dynamic sizes.
+    # A version check is unavoidable: 2.7-2.9 fail deep inside torch.export, after minutes of tracing.
     if "dynamo" not in _export_parameters() or torch.__version__ < TORCH_FOR_EXPORT:
         raise ExportUnavailable(
             f"format=onnx needs torch >= {TORCH_FOR_EXPORT} (this is torch {torch.__version__}; older torch.export "
