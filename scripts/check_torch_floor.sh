@@ -3,13 +3,13 @@
 # and run the export, predict, detector and deformable-attention tests.
 #
 #   scripts/check_torch_floor.sh                 # torch 2.6.0 / torchvision 0.21.0 (the declared floor)
-#   scripts/check_torch_floor.sh 2.8.0 0.23.0    # is 2.8 enough for the ONNX export? (untested)
+#   scripts/check_torch_floor.sh 2.10.0 0.25.0   # the oldest torch that exports (measured)
 #   VENV=/tmp/venv-x scripts/check_torch_floor.sh 2.6.0 0.21.0   # venv path (default /tmp/venv-torch-<torch>)
 #
 # Not run in CI: it downloads torch with its CUDA libraries from PyPI (~3 GB on disk, about
 # 2-3 min on a fast link) and the tests take 2-8 min on 2 CPU cores. Results measured so far:
-# docs/deploy.md, "Supported torch versions". On torch < 2.8 the ONNX export tests skip (export needs
-# torch >= 2.8) and test_export_on_too_old_torch_is_one_clear_line checks the one-line error.
+# docs/deploy.md, "Supported torch versions". On torch < 2.10 the ONNX export tests skip (export needs
+# torch >= 2.10) and test_export_on_too_old_torch_is_one_clear_line checks the one-line error.
 set -euo pipefail
 
 TORCH=${1:-2.6.0}

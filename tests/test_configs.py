@@ -183,18 +183,6 @@ def test_wrong_types_give_a_clear_error(override, message, tmp_path):
         check_config(cfg)
 
 
-def test_fused_optimizer_with_mixed_precision_clipping_is_refused_before_training(tmp_path):
-    """Lightning raises only at the first clipped step; the check names the clash and the fix up front."""
-    ok = compose_train(["optimizer.fused=true", "trainer.precision=32"], output_dir=tmp_path)
-    check_config(ok)
-    clash = compose_train(["optimizer.fused=true", "trainer.precision=bf16-mixed"], output_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"optimizer\.fused=false"):
-        check_config(clash)
-    no_clip = compose_train(["optimizer.fused=true", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0"],
-                            output_dir=tmp_path)
-    check_config(no_clip)
-
-
 @pytest.mark.parametrize(
     "args, expected",
     [

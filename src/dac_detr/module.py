@@ -16,6 +16,8 @@ loop needs on top:
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +28,8 @@ from torch import Tensor, nn
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (also imported from here)
 from .evaluation.coco_evaluator import format_coco_table
+
+log = logging.getLogger("dac_detr")
 
 # Loss-term prefixes of docs/interfaces.md, summed per stream for the dashboard.
 LOSS_STREAMS = ("loss_o2o_", "loss_o2m_", "loss_dn_o_", "loss_dn_c_", "loss_enc_")
@@ -183,11 +187,33 @@ class DACDETRModule(L.LightningModule):
         param_groups = [
             {"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params
         ]
-        optimizer = self.optimizer_factory(params=param_groups)
+        optimizer = self._optimizer_factory_for_precision()(params=param_groups)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1}}
+
+    def _optimizer_factory_for_precision(self) -> Callable[..., torch.optim.Optimizer]:
+        """The optimizer factory, without ``fused=True`` where Lightning refuses it.
+
+        A fused optimizer unscales gradients itself, so Lightning will not clip gradients for it
+        under ``*-mixed`` precision (it raises at the first step). The quickstart asks for the fused
+        AdamW for speed; with ``trainer.precision=bf16-mixed`` it falls back to the unfused one (the
+        same update) with a warning rather than failing.
+        """
+        factory = self.optimizer_factory
+        keywords = getattr(factory, "keywords", {})
+        trainer = self._trainer  # None outside a Trainer (scripts/profile_step.py): keep the config as is
+        if not keywords.get("fused") or trainer is None:
+            return factory
+        if not str(trainer.precision).endswith("-mixed") or not trainer.gradient_clip_val:
+            return factory
+        log.warning(
+            "optimizer.fused=true cannot run with trainer.precision=%s and gradient clipping (Lightning does "
+            "not clip for a fused optimizer under mixed precision): using the unfused AdamW. Set "
+            "optimizer.fused=false to silence this.", trainer.precision,
+        )
+        return functools.partial(factory.func, *factory.args, **{**keywords, "fused": False})
 
     # ------------------------------------------------------------------ validation
     def _datamodule(self):

@@ -74,8 +74,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first key with a value of the wrong type or range, or for
-    settings that cannot work together."""
+    """Raise ConfigError for the first key with a value of the wrong type or range."""
     for key, (ok, expected) in _CHECKS.items():
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
@@ -87,21 +86,6 @@ def check_config(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not ok(value):
             raise ConfigError(f"Config key `{key}` is {value!r} ({type(value).__name__}); expected {expected}.")
-    _check_fused_optimizer(cfg)
-
-
-def _check_fused_optimizer(cfg: DictConfig) -> None:
-    """A fused optimizer step unscales the gradients itself, so Lightning refuses to clip them first
-    under mixed precision; say so before any training instead of after the first batch."""
-    fused = OmegaConf.select(cfg, "optimizer.fused", default=None)
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32"))
-    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None) or 0
-    if fused is True and precision.endswith("-mixed") and clip > 0:
-        raise ConfigError(
-            f"optimizer.fused=true cannot run with trainer.precision={precision} and gradient clipping "
-            f"(trainer.gradient_clip_val={clip}): Lightning does not clip for a fused optimizer under mixed "
-            "precision. Set optimizer.fused=false (or trainer.precision=32)."
-        )
 
 
 def _accepted_arguments(target: Any) -> list[str] | None:
