@@ -77,6 +77,7 @@ def require_onnx_export() -> None:
     # torch.export still guards on the image size (conv/pool output parity, no size-1 levels; 2.9.1
     # also H, W >= 65 and batch != 1) and refuses dynamic sizes.
     # A version check is unavoidable: 2.7-2.9 fail deep inside torch.export, after minutes of tracing.
+    # torch.__version__ is a TorchVersion: it compares as a version ("2.9.1" < "2.10"), not as text
     if "dynamo" not in _export_parameters() or torch.__version__ < TORCH_FOR_EXPORT:
         raise ExportUnavailable(
             f"format=onnx needs torch >= {TORCH_FOR_EXPORT} (this is torch {torch.__version__}; older torch.export "
